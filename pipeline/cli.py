@@ -1,0 +1,166 @@
+"""The ``ontrack`` command line: a thin layer over the pipeline modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import Settings, load_settings
+from pipeline.errors import OnTrackError
+from pipeline.scales import load_registry
+from pipeline.store import Store
+
+__all__ = ["main"]
+
+
+def _store(settings: Settings) -> Store:
+    store = Store(settings.resolved_database_url)
+    store.init()
+    return store
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    store = Store(settings.resolved_database_url)
+    version = store.init()
+    print(f"store ready: {store.safe_url} (schema version {version})")
+    return 0
+
+
+def cmd_scales(args: argparse.Namespace, settings: Settings) -> int:
+    reg = load_registry()
+    if args.json:
+        print(json.dumps([{
+            "code": s.code, "name": s.name, "items": s.items,
+            "item_range": [s.item_min, s.item_max], "total_range": [s.total_min, s.total_max],
+            "direction": s.direction, "caseness": s.caseness_cutoff,
+            "caseness_comparison": s.caseness_comparison,
+            "reliable_change_points": s.reliable_change_points,
+            "reliability": s.reliability, "risk_items": list(s.risk_items),
+            "max_missing": s.max_missing, "bands": [b.label for b in s.bands],
+        } for s in reg.values()], indent=2))
+        return 0
+    print(f"{'code':8} {'items':>5} {'range':>7} {'direction':17} {'caseness':>9} "
+          f"{'RC pts':>6} {'r':>5}  risk items")
+    for s in reg.values():
+        cas = f"{s.caseness_comparison}{s.caseness_cutoff}" if s.caseness_cutoff is not None \
+            else "-"
+        rc = str(s.reliable_change_points) if s.reliable_change_points is not None else "-"
+        rel = f"{s.reliability:.2f}" if s.reliability is not None else "-"
+        risk = ",".join(map(str, s.risk_items)) or "-"
+        print(f"{s.code:8} {s.items:>5} {s.total_min:>3}-{s.total_max:<3} {s.direction:17} "
+              f"{cas:>9} {rc:>6} {rel:>5}  {risk}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.ingest.batch import ingest_paths
+
+    store = _store(settings)
+    t0 = time.perf_counter()
+    report = ingest_paths(args.paths, store, settings, load_registry())
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    d = report.as_dict()
+    for f in d["files"]:
+        line = (f"{f['status']:9} {f['kind'] or '?':15} {f['records']:>7} records: "
+                f"{f['accepted']} accepted, {f['duplicates']} duplicate, "
+                f"{f['quarantined']} quarantined  {f['file']}")
+        print(line)
+        if f["error"]:
+            print(f"          error: {f['error']}")
+        if f["extra_columns"]:
+            print(f"          extra columns kept aside (not used): {f['extra_columns']}")
+    print(f"total: {d['records']} records = {d['accepted']} accepted + {d['duplicates']} "
+          f"duplicates + {d['quarantined']} quarantined ({elapsed:.1f} s)")
+    if d["by_reason"]:
+        print("quarantined by reason: " + ", ".join(f"{k} {v}" for k, v in d["by_reason"].items()))
+    if d["warnings"]:
+        print("warnings: " + ", ".join(f"{k} {v}" for k, v in d["warnings"].items()))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from pipeline.synth import SynthConfig, default_sample_config, write_sample
+
+    cfg = default_sample_config() if args.sample else SynthConfig()
+    changes = {k: v for k, v in (("episodes", args.episodes), ("seed", args.seed),
+                                 ("therapists", args.therapists),
+                                 ("faulty_rows", args.faulty_rows)) if v is not None}
+    cfg = replace(cfg, **changes)
+    data = write_sample(Path(args.out), cfg)
+    print(f"wrote {len(data.episodes)} episodes, {len(data.administrations)} administrations "
+          f"to {args.out}/input (truth in {args.out}/truth)")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(settings)
+    counts = store.counts()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+    else:
+        print(f"store {store.safe_url}")
+        for k, v in counts.items():
+            print(f"  {k:16} {v:>9}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ontrack", description=(
+        "OnTrack: outcome monitoring for measurement-based psychotherapy."))
+    p.add_argument("--version", action="version", version=f"ontrack {__version__}")
+    p.add_argument("--config", help="settings TOML file (default ./ontrack.toml)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default env ONTRACK_DATABASE_URL "
+                   "or sqlite:///data/ontrack.db)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create the store schema (idempotent)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("scales", help="list the scale registry")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_scales)
+
+    s = sub.add_parser("ingest", help="ingest CSV / FHIR files or directories")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("synth", help="write a seeded synthetic dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--episodes", type=int)
+    s.add_argument("--therapists", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--faulty-rows", type=int)
+    s.add_argument("--sample", action="store_true",
+                   help="the configuration of the committed data/sample")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("summary", help="row counts of the store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_summary)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ontrack`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, database_url=args.database_url)
+        return int(args.func(args, settings))
+    except OnTrackError as exc:
+        print(f"ontrack: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Settings: one object, from a TOML file and the environment.
+
+Precedence, lowest first: built-in defaults, the TOML file (``ontrack.toml`` in the
+working directory, or the file named by ``ONTRACK_CONFIG``), environment variables
+``ONTRACK_<FIELD>`` (upper case). Secrets are read from the environment only.
+Nothing is read at import time: call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+_SECRET_FIELDS = frozenset({"secret_key", "export_key"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of OnTrack, with the SPEC defaults."""
+
+    #: SQLAlchemy URL of the store; default a SQLite file under ``data_dir``.
+    database_url: str = ""
+    #: Folder for the default store, the inbox and exports.
+    data_dir: Path = Path("data")
+    #: Time zone assumed for timestamps given without an offset (IANA name).
+    timezone: str = "UTC"
+    #: Administrations dated more than this many hours in the future are quarantined.
+    future_tolerance_hours: float = 24.0
+    #: GAD-7 caseness cut-off: 8 in NHS Talking Therapies, 10 in Spitzer et al. 2006.
+    gad7_caseness: int = 8
+    #: PCL-5 caseness cut-off: 31-33 in the literature; National Center for PTSD.
+    pcl5_caseness: int = 33
+    #: ``"fixed"`` (NHS Talking Therapies points) or ``"jt"`` (Jacobson & Truax RCI).
+    reliable_change_method: str = "fixed"
+    #: Significance level of the Jacobson-Truax RCI.
+    rci_alpha: float = 0.05
+    #: Largest input file accepted, in bytes (hostile-input guard).
+    max_file_bytes: int = 2 * 1024**3
+    #: Largest single CSV field accepted, in characters.
+    max_field_chars: int = 10_000
+    #: Rows per chunk when streaming a CSV through validation and scoring.
+    chunk_rows: int = 200_000
+    #: Flask secret key for the dashboard (environment only).
+    secret_key: str = field(default="", repr=False)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to ``<data_dir>/ontrack.db`` (SQLite)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ontrack.db').as_posix()}"
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    try:
+        if target is Path or target == "Path":
+            return Path(raw)
+        if target is bool or target == "bool":
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if target is int or target == "int":
+            return int(raw)
+        if target is float or target == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"setting {name!r} must be a {target}", value=raw, fix="correct the value"
+        ) from exc
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings from defaults, a TOML file, the environment and overrides.
+
+    Parameters
+    ----------
+    path
+        TOML file; default ``$ONTRACK_CONFIG`` or ``./ontrack.toml`` when it exists.
+    env
+        Environment mapping; default ``os.environ``.
+    **overrides
+        Explicit values (from the command line), applied last.
+    """
+    env = os.environ if env is None else env
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    toml_path = Path(path) if path else Path(env.get("ONTRACK_CONFIG", "ontrack.toml"))
+    if path and not toml_path.exists():
+        raise ConfigError("settings file not found", file=str(toml_path))
+    if toml_path.exists():
+        try:
+            data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"settings file is not valid TOML: {exc}", file=str(toml_path)) from exc
+        for key, raw in data.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown setting {key!r}; known: {', '.join(sorted(fields))}",
+                    file=str(toml_path),
+                )
+            if key in _SECRET_FIELDS:
+                raise ConfigError(
+                    f"{key!r} is a secret: set ONTRACK_{key.upper()} in the environment instead",
+                    file=str(toml_path),
+                )
+            values[key] = _coerce(key, raw, fields[key].type)
+    for name, f in fields.items():
+        env_name = f"ONTRACK_{name.upper()}"
+        if env_name in env:
+            values[name] = _coerce(name, env[env_name], f.type)
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name!r}")
+        if raw is not None:
+            values[name] = _coerce(name, raw, fields[name].type)
+    settings = Settings(**values)
+    if settings.reliable_change_method not in {"fixed", "jt"}:
+        raise ConfigError(
+            "reliable_change_method must be 'fixed' or 'jt'",
+            value=settings.reliable_change_method,
+        )
+    return settings

@@ -1,0 +1,457 @@
+"""Ingest files into the store, one batch (one transaction) per file.
+
+Every input record ends in exactly one place: accepted, duplicate of an accepted record,
+or quarantined with a reason code. ``records == accepted + duplicates + quarantined``
+holds per batch and overall, and is checked before each batch commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Connection
+
+from pipeline.config import Settings
+from pipeline.errors import IngestError, UnreadableFileError
+from pipeline.ingest.csv_reader import open_csv
+from pipeline.ingest.fhir_reader import read_fhir
+from pipeline.ingest.formats import INGEST_ORDER, QuarantineRecord, RawChunk
+from pipeline.reasons import Reason, Warn
+from pipeline.scales import Registry
+from pipeline.scoring import score_administrations
+from pipeline.store import MAX_ITEMS, MUTABLE_FIELDS, Store, utcnow
+from pipeline.validate import Context, check_administrations, check_entities, validate_scored
+
+__all__ = ["FileReport", "IngestReport", "ingest_paths"]
+
+_ITEMS = [f"item_{i}" for i in range(1, MAX_ITEMS + 1)]
+_CONTENT = ["session_number", "total_supplied", *_ITEMS]
+_IDENTITY = ["episode_id", "measure", "administered_at"]
+
+
+@dataclass
+class FileReport:
+    """What happened to one file."""
+
+    file: str
+    kind: str | None
+    status: str  # committed | rejected | failed
+    records: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    extra_columns: tuple[str, ...] = ()
+    error: str | None = None
+    batch_id: int | None = None
+    episodes_touched: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "kind": self.kind, "status": self.status,
+            "batch_id": self.batch_id, "records": self.records, "accepted": self.accepted,
+            "duplicates": self.duplicates, "quarantined": self.quarantined,
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "warnings": dict(sorted(self.warnings.items())),
+            "extra_columns": list(self.extra_columns), "error": self.error,
+        }
+
+
+@dataclass
+class IngestReport:
+    """Totals over every file of one ``ontrack ingest`` call."""
+
+    files: list[FileReport] = field(default_factory=list)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(f, name) for f in self.files)
+
+    def counter(self, name: str) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for f in self.files:
+            out.update(getattr(f, name))
+        return out
+
+    @property
+    def episodes_touched(self) -> set[str]:
+        return set().union(*(f.episodes_touched for f in self.files)) if self.files else set()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.total("records"), "accepted": self.total("accepted"),
+            "duplicates": self.total("duplicates"), "quarantined": self.total("quarantined"),
+            "by_reason": dict(sorted(self.counter("by_reason").items())),
+            "warnings": dict(sorted(self.counter("warnings").items())),
+            "files": [f.as_dict() for f in self.files],
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named, plus every regular file (recursively, sorted) of directories named."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file()
+                              and not f.name.startswith(".")))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise IngestError("no such file or directory", path=str(p))
+    return out
+
+
+def _looks_json(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] in (b"{", b"[")
+
+
+class _Opened:
+    """A file opened for ingest: its kind and a chunk source (or the reason it cannot be)."""
+
+    def __init__(self, path: Path, settings: Settings, registry: Registry) -> None:
+        self.path = path
+        self.error: UnreadableFileError | None = None
+        self.kind: str | None = None
+        self._chunks: Iterator[RawChunk] | None = None
+        if path.stat().st_size > settings.max_file_bytes:
+            self.error = UnreadableFileError(
+                f"file is larger than the {settings.max_file_bytes}-byte limit",
+                file=str(path), fix="split the file or raise max_file_bytes")
+            return
+        try:
+            if _looks_json(path):
+                self.kind = "administrations"
+                self._chunks = read_fhir(path, registry, settings.max_file_bytes)
+            else:
+                csvf = open_csv(path, registry.max_items)
+                self.kind = csvf.kind.name
+                self._chunks = csvf.chunks(settings.chunk_rows, registry.max_items)
+        except UnreadableFileError as exc:
+            self.error = exc
+
+    @property
+    def order(self) -> int:
+        return INGEST_ORDER.index(self.kind) if self.kind else len(INGEST_ORDER)
+
+    def chunks(self) -> Iterator[RawChunk]:
+        if self._chunks is None:
+            raise IngestError("file was not opened", file=str(self.path))
+        return self._chunks
+
+
+def _rejected_records(path: Path, error: UnreadableFileError) -> list[QuarantineRecord]:
+    """Quarantine an unreadable file: one record per data line of text, else one."""
+    data = path.read_bytes()[:64 << 20]
+    if b"\x00" in data[:65536] or not data.strip():
+        raw = QuarantineRecord.raw_json(data[:2000].decode("utf-8", "backslashreplace"))
+        return [QuarantineRecord(None, Reason.UNREADABLE_FILE, str(error), raw, "file")]
+    lines = data.decode("utf-8", "backslashreplace").splitlines()
+    out = []
+    for i, line in enumerate(lines[1:], start=2):
+        if line.strip():
+            out.append(QuarantineRecord(i, Reason.UNREADABLE_FILE, str(error),
+                                        QuarantineRecord.raw_json(line[:20000]), f"line {i}"))
+    return out or [QuarantineRecord(1, Reason.UNREADABLE_FILE, str(error),
+                                    QuarantineRecord.raw_json(lines[0][:20000] if lines else ""),
+                                    "line 1")]
+
+
+def _fingerprint(frame: pd.DataFrame) -> pd.Series:
+    """A string of an administration's answers (session, total, items); NA as ''."""
+    parts = []
+    for col in _CONTENT:
+        s = pd.to_numeric(frame[col], errors="coerce").astype("Int64").astype("str")
+        parts.append(s.fillna(""))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + "|" + p
+    return out
+
+
+class _Ingestor:
+    def __init__(self, store: Store, settings: Settings, registry: Registry,
+                 now: datetime | None) -> None:
+        self.store = store
+        self.settings = settings
+        self.registry = registry
+        self.now = now or utcnow()
+
+    def context(self, conn: Connection) -> Context:
+        ep = self.store.episode_clients(conn)
+        return Context(
+            registry=self.registry, now=self.now, timezone=self.settings.timezone,
+            future_tolerance_hours=self.settings.future_tolerance_hours,
+            max_field_chars=self.settings.max_field_chars,
+            therapists=self.store.therapist_ids(conn), clients=self.store.client_ids(conn),
+            episode_client=ep,
+        )
+
+    def run(self, paths: Sequence[Path]) -> IngestReport:
+        opened = sorted((_Opened(p, self.settings, self.registry) for p in paths),
+                        key=lambda o: o.order)
+        report = IngestReport()
+        for op in opened:
+            report.files.append(self.ingest_file(op))
+        return report
+
+    def ingest_file(self, op: _Opened) -> FileReport:
+        rep = FileReport(file=str(op.path), kind=op.kind, status="committed")
+        digest = _sha256(op.path)
+        with self.store.transaction() as conn:
+            rep.batch_id = self.store.start_batch(conn, str(op.path), digest, op.kind, self.now)
+            if op.error is not None:
+                rep.status = "rejected"
+                rep.error = str(op.error)
+                self._quarantine(conn, rep, _rejected_records(op.path, op.error))
+            else:
+                ctx = self.context(conn)
+                for chunk in op.chunks():
+                    rep.records += chunk.n_records
+                    rep.extra_columns = chunk.extra_columns
+                    self._quarantine(conn, rep, chunk.failed)
+                    if op.kind == "administrations":
+                        self._administrations(conn, rep, chunk, ctx)
+                    else:
+                        self._entities(conn, rep, chunk, ctx)
+            if op.error is not None:
+                rep.records = rep.quarantined
+            if rep.records != rep.accepted + rep.duplicates + rep.quarantined:
+                raise IngestError("record counts do not reconcile; batch rolled back",
+                                  file=str(op.path), records=rep.records,
+                                  accepted=rep.accepted, duplicates=rep.duplicates,
+                                  quarantined=rep.quarantined)
+            self.store.finish_batch(
+                conn, rep.batch_id, status=rep.status, records=rep.records,
+                accepted=rep.accepted, duplicates=rep.duplicates, quarantined=rep.quarantined,
+                by_reason=dict(rep.by_reason), warnings=dict(rep.warnings),
+                extra_columns=rep.extra_columns, error=rep.error)
+        return rep
+
+    def _quarantine(self, conn: Connection, rep: FileReport,
+                    records: Sequence[QuarantineRecord]) -> None:
+        if not records:
+            return
+        rep.quarantined += len(records)
+        rep.by_reason.update(r.reason.value for r in records)
+        self.store.insert_quarantine(conn, (
+            {"batch_id": rep.batch_id, "file": rep.file, "line": r.line,
+             "location": r.location, "reason": r.reason.value, "detail": r.detail[:2000],
+             "raw": r.raw} for r in records))
+
+    # -------------------------------------------------------------- administrations
+    def _administrations(self, conn: Connection, rep: FileReport, chunk: RawChunk,
+                         ctx: Context) -> None:
+        checked = check_administrations(chunk.frame, ctx)
+        self._quarantine(conn, rep, checked.quarantined)
+        frame = checked.accepted
+        if frame.empty:
+            return
+        frame = score_administrations(frame, self.registry)
+        frame = validate_scored(frame, self.registry)
+        frame = frame.sort_values("_line", kind="stable").reset_index(drop=True)
+        frame["_fp"] = _fingerprint(frame)
+
+        # Within the chunk: the first of an identity stands for the rest.
+        first = ~frame.duplicated(_IDENTITY, keep="first")
+        firsts = frame.loc[first, [*_IDENTITY, "_fp"]].rename(columns={"_fp": "_fp_first"})
+        frame = frame.merge(firsts, on=_IDENTITY, how="left")
+        later_same = ~first.to_numpy() & (frame["_fp"] == frame["_fp_first"]).to_numpy()
+        later_diff = ~first.to_numpy() & ~later_same
+
+        # Against the store.
+        stored = self.store.administration_keys(conn, frame["episode_id"].unique().tolist())
+        if not stored.empty:
+            stored["administered_at"] = pd.to_datetime(stored["administered_at"]) \
+                .astype("datetime64[us]")
+            stored["_fp_stored"] = _fingerprint(stored)
+            frame = frame.merge(stored[[*_IDENTITY, "_fp_stored"]], on=_IDENTITY, how="left")
+        else:
+            frame["_fp_stored"] = pd.Series(pd.NA, index=frame.index, dtype="str")
+        in_store = frame["_fp_stored"].notna().to_numpy()
+        store_same = in_store & (frame["_fp"] == frame["_fp_stored"]).fillna(False).to_numpy()
+
+        duplicate = (first.to_numpy() & store_same) | (later_same & ~(in_store & ~store_same))
+        conflict = (first.to_numpy() & in_store & ~store_same) | later_diff | \
+            (later_same & in_store & ~store_same)
+        new = first.to_numpy() & ~in_store
+
+        rep.duplicates += int(duplicate.sum())
+        if conflict.any():
+            bad = frame.loc[conflict]
+            self._quarantine(conn, rep, [
+                QuarantineRecord(int(r["_line"]), Reason.CONFLICT,
+                                 "same (episode_id, measure, administered_at) as an accepted "
+                                 "record, different answers; the accepted one is kept",
+                                 QuarantineRecord.raw_json(_plain(r)), f"line {int(r['_line'])}")
+                for r in bad.to_dict(orient="records")])
+        accepted = frame.loc[new].copy()
+        accepted["batch_id"] = rep.batch_id
+        self.store.insert_administrations(conn, accepted)
+        rep.accepted += len(accepted)
+        rep.episodes_touched.update(accepted["episode_id"].unique().tolist())
+        rep.warnings[Warn.TOTAL_ITEMS_MISMATCH.value] += int(accepted["total_mismatch"].sum())
+        rep.warnings[Warn.PRORATED.value] += int(accepted["prorated"].sum())
+        rep.warnings[Warn.RISK_ITEM_MISSING.value] += int(
+            ((accepted["risk"] == "unknown") & accepted["has_items"]).sum())
+        rep.warnings = +rep.warnings  # drop zero counts
+
+    # -------------------------------------------------------------- entities
+    def _entities(self, conn: Connection, rep: FileReport, chunk: RawChunk,
+                  ctx: Context) -> None:
+        kind = chunk.kind.name
+        checked = check_entities(kind, chunk.frame, ctx)
+        self._quarantine(conn, rep, checked.quarantined)
+        frame = checked.accepted
+        if frame.empty:
+            return
+        if kind == "plans":
+            self._plans(conn, rep, frame)
+            return
+        key = {"therapists": "therapist_id", "clients": "client_id",
+               "episodes": "episode_id"}[kind]
+        fields = [c for c in frame.columns if c != "_line"]
+        frame["_fp"] = _entity_fp(frame, fields)
+        first = ~frame.duplicated(key, keep="first")
+        fp_first = frame[key].map(frame.loc[first].set_index(key)["_fp"])
+        stored = self.store.entities(conn, kind, frame[key].unique().tolist())
+        stored_fp = pd.Series(_entity_fp(stored, fields).to_numpy(), index=stored[key]) \
+            if not stored.empty else pd.Series(dtype="str")
+        fp_stored = frame[key].map(stored_fp)
+        in_store = fp_stored.notna()
+        same_store = in_store & (frame["_fp"] == fp_stored)
+        later = ~first
+        duplicate = (first & same_store) | (later & (frame["_fp"] == fp_first) & ~in_store) | \
+            (later & same_store)
+        immutable = [f for f in fields if f not in MUTABLE_FIELDS[kind] and f != key]
+        changed_immutable = pd.Series(False, index=frame.index)
+        if in_store.any():
+            merged = frame[[key, *immutable]].merge(
+                stored[[key, *immutable]], on=key, how="left", suffixes=("", "_s"))
+            for f in immutable:
+                a = merged[f].astype("str").fillna("")
+                b = merged[f + "_s"].astype("str").fillna("")
+                changed_immutable |= (in_store.to_numpy() & (a != b).to_numpy())
+        update = first & in_store & ~same_store & ~changed_immutable
+        conflict = ~duplicate & ~update & ~(first & ~in_store)
+        new = first & ~in_store
+        rep.duplicates += int(duplicate.sum())
+        if conflict.any():
+            self._quarantine(conn, rep, [
+                QuarantineRecord(int(r["_line"]), Reason.CONFLICT,
+                                 f"{key} already known with different "
+                                 f"{'fixed fields' if kind == 'episodes' else 'values'}; "
+                                 "the accepted record is kept",
+                                 QuarantineRecord.raw_json(_plain(r)), f"line {int(r['_line'])}")
+                for r in frame.loc[conflict].to_dict(orient="records")])
+        out = frame.drop(columns=["_fp", "_line"]).assign(batch_id=rep.batch_id)
+        self.store.upsert_entities(conn, kind, out.loc[new], out.loc[update])
+        rep.accepted += int(new.sum() + update.sum())
+        if update.any():
+            rep.warnings[Warn.UPDATED.value] += int(update.sum())
+        if kind == "therapists":
+            ctx.therapists.update(frame.loc[new, key])
+        elif kind == "clients":
+            ctx.clients.update(frame.loc[new, key])
+        else:
+            ctx.episode_client.update(dict(zip(frame.loc[new, key],
+                                               frame.loc[new, "client_id"], strict=True)))
+            rep.episodes_touched.update(frame.loc[new | update, key])
+
+    def _plans(self, conn: Connection, rep: FileReport, frame: pd.DataFrame) -> None:
+        ident = ["episode_id", "goal_id"]
+        fields = ["measure", "kind", "target", "due_date", "due_session", "sustain",
+                  "description"]
+        frame["_fp"] = _entity_fp(frame, fields)
+        first = ~frame.duplicated(ident, keep="first")
+        stored = self.store.plan_goals(conn, frame["episode_id"].unique().tolist())
+        if not stored.empty:
+            latest = stored.groupby("episode_id")["plan_version"].transform("max")
+            stored = stored.loc[stored["plan_version"] == latest]
+            stored["_fp_s"] = _entity_fp(stored, fields)
+            frame = frame.merge(stored[[*ident, "_fp_s"]], on=ident, how="left")
+            has_plan = frame["episode_id"].isin(stored["episode_id"]).to_numpy()
+        else:
+            frame["_fp_s"] = pd.Series(pd.NA, index=frame.index, dtype="str")
+            has_plan = np.zeros(len(frame), dtype=bool)
+        fp_first = frame.set_index(ident)["_fp"].groupby(level=[0, 1]).first()
+        same_first = (frame.set_index(ident)["_fp"] == fp_first.reindex(
+            frame.set_index(ident).index)).to_numpy()
+        same_store = (frame["_fp"] == frame["_fp_s"]).fillna(False).to_numpy()
+        f = first.to_numpy()
+        duplicate = same_store | (~f & same_first & ~has_plan)
+        new = f & ~has_plan
+        conflict = ~duplicate & ~new
+        rep.duplicates += int(duplicate.sum())
+        if conflict.any():
+            self._quarantine(conn, rep, [
+                QuarantineRecord(int(r["_line"]), Reason.CONFLICT,
+                                 "the episode already has a plan with different goals; record a "
+                                 "plan revision instead of re-importing", QuarantineRecord.raw_json(
+                                     _plain(r)), f"line {int(r['_line'])}")
+                for r in frame.loc[conflict].to_dict(orient="records")])
+        goals = frame.loc[new].assign(plan_version=1)
+        self.store.insert_goals(conn, goals, rep.batch_id or 0)
+        rep.accepted += int(new.sum())
+        rep.episodes_touched.update(goals["episode_id"])
+
+
+def _entity_fp(frame: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
+    parts = [frame[f].astype("object").map(_norm) for f in fields]
+    out = parts[0].astype("str")
+    for p in parts[1:]:
+        out = out + "|" + p.astype("str")
+    return out
+
+
+def _norm(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or v is pd.NaT:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    if hasattr(v, "isoformat"):
+        return str(v.isoformat())[:10] if not isinstance(v, datetime) else v.isoformat()
+    return str(v)
+
+
+def _plain(d: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(k): (None if _norm(v) == "" else _norm(v)) for k, v in d.items()
+            if not str(k).startswith("_")}
+
+
+def ingest_paths(paths: Iterable[str | Path], store: Store, settings: Settings,
+                 registry: Registry, now: datetime | None = None) -> IngestReport:
+    """Ingest files and directories; each file is one batch committed atomically.
+
+    Parameters
+    ----------
+    paths
+        Files or directories (directories are walked recursively).
+    now
+        The clock for ``future_date`` checks (naive UTC); default the current time.
+    """
+    files = expand_paths(paths)
+    return _Ingestor(store, settings, registry, now).run(files)
+
+
+def report_json(report: IngestReport) -> str:
+    """The report as the one JSON object ``ontrack ingest --json`` prints."""
+    return json.dumps(report.as_dict(), indent=2)

@@ -1,0 +1,176 @@
+"""CSV reader: UTF-8 (BOM tolerated), comma/semicolon/tab delimited, streamed in chunks.
+
+Every physical record ends up either in a chunk's frame or in its ``failed`` list with a
+reason (wrong field count -> ``unparseable``, undecodable bytes -> ``bad_encoding``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UnreadableFileError
+from pipeline.ingest.formats import Kind, QuarantineRecord, RawChunk, detect_kind
+from pipeline.reasons import Reason
+
+__all__ = ["CsvFile", "open_csv"]
+
+_DELIMITERS = (",", ";", "\t")
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_BLOCK = 1 << 24
+
+
+def _has_bad_bytes(path: Path) -> bool:
+    """True when the file is not valid UTF-8 (checked incrementally, memory bounded)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    with path.open("rb") as fh:
+        try:
+            while block := fh.read(_BLOCK):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return True
+    return False
+
+
+def _pick_delimiter(header_line: str) -> str:
+    """The delimiter that splits the header into the most fields (ties: comma first)."""
+    counts = [header_line.count(d) for d in _DELIMITERS]
+    return _DELIMITERS[int(np.argmax(counts))]
+
+
+class CsvFile:
+    """An opened CSV input: its kind, header and a chunk iterator."""
+
+    def __init__(self, path: Path, kind: Kind, header: list[str], delimiter: str,
+                 extra_columns: tuple[str, ...], bad_bytes: bool) -> None:
+        self.path = path
+        self.kind = kind
+        self.header = header
+        self.delimiter = delimiter
+        self.extra_columns = extra_columns
+        self.bad_bytes = bad_bytes
+
+    def chunks(self, chunk_rows: int, max_items: int) -> Iterator[RawChunk]:
+        """Yield :class:`RawChunk` objects of at most ``chunk_rows`` records."""
+        csv.field_size_limit(sys.maxsize)
+        ncol = len(self.header)
+        with self.path.open("r", encoding="utf-8-sig", errors="surrogateescape",
+                            newline="") as fh:
+            reader = csv.reader(fh, delimiter=self.delimiter)
+            try:
+                next(reader)  # header, already parsed
+            except (StopIteration, csv.Error):
+                return
+            while True:
+                rows: list[list[str]] = []
+                lines: list[int] = []
+                failed: list[QuarantineRecord] = []
+                prev = reader.line_num
+                exhausted = False
+                while len(rows) + len(failed) < chunk_rows:
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    except csv.Error as exc:
+                        line = prev + 1
+                        prev = reader.line_num
+                        failed.append(QuarantineRecord(
+                            line, Reason.UNPARSEABLE, f"CSV syntax error: {exc}",
+                            QuarantineRecord.raw_json(None), f"line {line}"))
+                        continue
+                    line = prev + 1
+                    prev = reader.line_num
+                    if not row or (len(row) == 1 and row[0].strip() == ""):
+                        continue  # a blank line is not a record
+                    if len(row) != ncol:
+                        failed.append(QuarantineRecord(
+                            line, Reason.UNPARSEABLE,
+                            f"expected {ncol} fields (the header's), found {len(row)}",
+                            _raw(row, self.bad_bytes), f"line {line}"))
+                        continue
+                    if self.bad_bytes and any(_SURROGATE.search(v) for v in row):
+                        failed.append(QuarantineRecord(
+                            line, Reason.BAD_ENCODING,
+                            "bytes that are not UTF-8; re-save the file as UTF-8",
+                            _raw(row, True), f"line {line}"))
+                        continue
+                    rows.append(row)
+                    lines.append(line)
+                if rows or failed:
+                    yield self._chunk(rows, lines, failed, max_items)
+                if exhausted:
+                    return
+
+    def _chunk(self, rows: list[list[str]], lines: list[int],
+               failed: list[QuarantineRecord], max_items: int) -> RawChunk:
+        frame = pd.DataFrame(rows, columns=self.header, dtype="str")
+        frame["_line"] = np.asarray(lines, dtype=np.int64)
+        for col in self.kind.required + self.kind.optional:
+            if col not in frame.columns:
+                frame[col] = ""
+        return RawChunk(kind=self.kind, frame=frame, failed=failed,
+                        extra_columns=self.extra_columns)
+
+
+def _raw(row: list[str], escape: bool) -> str:
+    if escape:
+        row = [v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+               for v in row]
+    return QuarantineRecord.raw_json(row)
+
+
+def open_csv(path: Path, max_items: int) -> CsvFile:
+    """Open a CSV file, sniff its delimiter and recognise its kind by the header.
+
+    Raises
+    ------
+    UnreadableFileError
+        When the file is binary, has no header, or lacks a kind's required columns.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(65536)
+    if b"\x00" in head:
+        raise UnreadableFileError(
+            "file contains NUL bytes: it is binary, not a CSV text file",
+            file=str(path), expected="UTF-8 CSV text")
+    bad_bytes = _has_bad_bytes(path)
+    text = head.decode("utf-8", "surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    first = text.splitlines()[0] if text.strip() else ""
+    if not first.strip():
+        raise UnreadableFileError("file is empty or has no header line", file=str(path),
+                                  expected="a header line naming the columns (SPEC §11)")
+    if _SURROGATE.search(first):
+        raise UnreadableFileError("header line is not UTF-8", file=str(path),
+                                  expected="a UTF-8 header line; re-save the file as UTF-8")
+    delimiter = _pick_delimiter(first)
+    header = next(csv.reader(io.StringIO(first), delimiter=delimiter))
+    if len(set(header)) != len(header):
+        dupes = sorted({c for c in header if header.count(c) > 1})
+        raise UnreadableFileError(f"header repeats columns {dupes}", file=str(path))
+    kind, closest = detect_kind(header)
+    if kind is None:
+        if closest is None:
+            raise UnreadableFileError(
+                "header matches no known file kind", file=str(path), header=header[:12],
+                expected="administrations (episode_id, measure, administered_at), episodes, "
+                "clients, therapists or plans columns as in SPEC §11, lower case")
+        missing = [c for c in closest.required if c not in header]
+        raise UnreadableFileError(
+            f"looks like a {closest.name} file but lacks required columns {missing}",
+            file=str(path), expected=f"columns {list(closest.required)}",
+            found=header[:12])
+    extras = tuple(c for c in header if not kind.known(c, max_items))
+    return CsvFile(path, kind, header, delimiter, extras, bad_bytes)

@@ -1,0 +1,360 @@
+"""The store: the only module that talks to the database (SQLAlchemy Core 2.x).
+
+SQLite by default (WAL journal), any SQLAlchemy URL by ``ONTRACK_DATABASE_URL``. SQL is
+kept dialect-neutral. The schema is versioned: :func:`init_store` creates it, and refuses
+a database whose recorded version is not :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline.errors import StoreError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Store",
+    "metadata",
+]
+
+SCHEMA_VERSION = 1
+MAX_ITEMS = 20  # widest scale in the shipped registry (PCL-5)
+
+metadata = sa.MetaData()
+
+schema_info = sa.Table(
+    "schema_info", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
+therapists = sa.Table(
+    "therapists", metadata,
+    sa.Column("therapist_id", sa.String(200), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("team", sa.String(200)),
+    sa.Column("batch_id", sa.Integer),
+)
+
+clients = sa.Table(
+    "clients", metadata,
+    sa.Column("client_id", sa.String(200), primary_key=True),
+    sa.Column("given_name", sa.String(200)),
+    sa.Column("family_name", sa.String(200)),
+    sa.Column("birth_date", sa.Date),
+    sa.Column("sex", sa.String(50)),
+    sa.Column("ethnicity", sa.String(200)),
+    sa.Column("postcode", sa.String(20)),
+    sa.Column("record_number", sa.String(100)),
+    sa.Column("batch_id", sa.Integer),
+)
+
+episodes = sa.Table(
+    "episodes", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("client_id", sa.String(200), nullable=False, index=True),
+    sa.Column("therapist_id", sa.String(200), nullable=False, index=True),
+    sa.Column("team", sa.String(200)),
+    sa.Column("start_date", sa.Date, nullable=False),
+    sa.Column("end_date", sa.Date),
+    sa.Column("end_reason", sa.String(50)),
+    sa.Column("batch_id", sa.Integer),
+)
+
+plans = sa.Table(
+    "plans", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("batch_id", sa.Integer),
+)
+
+goals = sa.Table(
+    "goals", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("plan_version", sa.Integer, primary_key=True),
+    sa.Column("goal_id", sa.String(200), primary_key=True),
+    sa.Column("measure", sa.String(20), nullable=False),
+    sa.Column("kind", sa.String(30), nullable=False),
+    sa.Column("target", sa.Float, nullable=False),
+    sa.Column("due_date", sa.Date),
+    sa.Column("due_session", sa.Integer),
+    sa.Column("sustain", sa.Integer, nullable=False),
+    sa.Column("description", sa.Text),
+)
+
+_item_columns = [sa.Column(f"item_{i}", sa.SmallInteger) for i in range(1, MAX_ITEMS + 1)]
+
+administrations = sa.Table(
+    "administrations", metadata,
+    sa.Column("admin_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(200), nullable=False),
+    sa.Column("measure", sa.String(20), nullable=False),
+    sa.Column("administered_at", sa.DateTime, nullable=False),
+    sa.Column("session_number", sa.Integer),
+    sa.Column("score", sa.Integer, nullable=False),
+    sa.Column("total_supplied", sa.Integer),
+    sa.Column("total_mismatch", sa.Boolean, nullable=False),
+    sa.Column("prorated", sa.Boolean, nullable=False),
+    sa.Column("n_missing", sa.Integer, nullable=False),
+    sa.Column("has_items", sa.Boolean, nullable=False),
+    sa.Column("risk", sa.String(10)),
+    sa.Column("risk_value", sa.SmallInteger),
+    *_item_columns,
+    sa.Column("batch_id", sa.Integer, nullable=False, index=True),
+    sa.UniqueConstraint("episode_id", "measure", "administered_at", name="uq_administration"),
+)
+
+batches = sa.Table(
+    "batches", metadata,
+    sa.Column("batch_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("file", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(30)),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("records", sa.Integer, nullable=False, default=0),
+    sa.Column("accepted", sa.Integer, nullable=False, default=0),
+    sa.Column("duplicates", sa.Integer, nullable=False, default=0),
+    sa.Column("quarantined", sa.Integer, nullable=False, default=0),
+    sa.Column("by_reason", sa.Text),
+    sa.Column("warnings", sa.Text),
+    sa.Column("extra_columns", sa.Text),
+    sa.Column("error", sa.Text),
+)
+
+quarantine = sa.Table(
+    "quarantine", metadata,
+    sa.Column("quarantine_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", sa.Integer, nullable=False, index=True),
+    sa.Column("file", sa.Text, nullable=False),
+    sa.Column("line", sa.Integer),
+    sa.Column("location", sa.String(100)),
+    sa.Column("reason", sa.String(40), nullable=False, index=True),
+    sa.Column("detail", sa.Text),
+    sa.Column("raw", sa.Text),
+)
+
+ENTITY_TABLES = {"therapists": therapists, "clients": clients, "episodes": episodes}
+ENTITY_KEYS = {"therapists": "therapist_id", "clients": "client_id", "episodes": "episode_id"}
+#: Fields that may change on a later export of the same entity (anything else conflicts).
+MUTABLE_FIELDS = {
+    "therapists": {"name", "team"},
+    "clients": {"given_name", "family_name", "birth_date", "sex", "ethnicity", "postcode",
+                "record_number"},
+    "episodes": {"team", "end_date", "end_reason", "therapist_id"},
+}
+
+
+def utcnow() -> datetime:
+    """Current time as naive UTC (how the store keeps every timestamp)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Store:
+    """A handle on the database: schema, transactions, and every query OnTrack makes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite:///"):
+                path = Path(url.removeprefix("sqlite:///"))
+                if str(path) not in ("", ":memory:"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = sa.create_engine(url, future=True)
+        except (sa.exc.ArgumentError, ImportError) as exc:
+            raise StoreError(f"cannot open database URL: {exc}",
+                             fix="set ONTRACK_DATABASE_URL to a valid SQLAlchemy URL") from exc
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @property
+    def dialect(self) -> str:
+        """Database dialect name (``sqlite``, ``postgresql`` ...)."""
+        return self.engine.dialect.name
+
+    # ------------------------------------------------------------------ schema
+    def init(self) -> int:
+        """Create the schema if absent; return its version. Idempotent."""
+        try:
+            metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                versions = [r[0] for r in conn.execute(sa.select(schema_info.c.version))]
+                if not versions:
+                    conn.execute(schema_info.insert().values(version=SCHEMA_VERSION,
+                                                             applied_at=utcnow()))
+                    return SCHEMA_VERSION
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"cannot reach the store: {exc.orig}", url=self.safe_url) from exc
+        if max(versions) != SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema version {max(versions)} is not {SCHEMA_VERSION}",
+                url=self.safe_url, fix="run the matching OnTrack version or migrate")
+        return SCHEMA_VERSION
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked (for messages and logs)."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One database transaction: committed on success, rolled back on any error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ------------------------------------------------------------------ reads
+    def therapist_ids(self, conn: Connection) -> set[str]:
+        return {r[0] for r in conn.execute(sa.select(therapists.c.therapist_id))}
+
+    def client_ids(self, conn: Connection) -> set[str]:
+        return {r[0] for r in conn.execute(sa.select(clients.c.client_id))}
+
+    def episode_clients(self, conn: Connection) -> dict[str, str]:
+        q = sa.select(episodes.c.episode_id, episodes.c.client_id)
+        return {r[0]: r[1] for r in conn.execute(q)}
+
+    def entities(self, conn: Connection, kind: str, ids: Sequence[str]) -> pd.DataFrame:
+        """Stored rows of an entity kind for the given ids."""
+        table = ENTITY_TABLES[kind]
+        key = table.c[ENTITY_KEYS[kind]]
+        frames = [pd.DataFrame(conn.execute(sa.select(table).where(key.in_(part))).mappings()
+                               .all(), columns=list(table.c.keys()))
+                  for part in _parts(ids)]
+        return pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame(columns=list(table.c.keys()))
+
+    def administration_keys(self, conn: Connection, episode_ids: Sequence[str]) -> pd.DataFrame:
+        """Identity and content of stored administrations of the given episodes."""
+        cols = [administrations.c.episode_id, administrations.c.measure,
+                administrations.c.administered_at, administrations.c.session_number,
+                administrations.c.total_supplied,
+                *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
+        names = [c.name for c in cols]
+        frames = []
+        for part in _parts(episode_ids):
+            rows = conn.execute(sa.select(*cols).where(
+                administrations.c.episode_id.in_(part))).all()
+            if rows:
+                frames.append(pd.DataFrame(rows, columns=names))
+        if not frames:
+            return pd.DataFrame(columns=names)
+        return pd.concat(frames, ignore_index=True)
+
+    def plan_goals(self, conn: Connection, episode_ids: Sequence[str]) -> pd.DataFrame:
+        """Goals of the latest plan version of the given episodes."""
+        frames = []
+        for part in _parts(episode_ids):
+            rows = conn.execute(sa.select(goals).where(goals.c.episode_id.in_(part))).mappings()
+            frames.append(pd.DataFrame(rows.all(), columns=list(goals.c.keys())))
+        return pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame(columns=list(goals.c.keys()))
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the main tables."""
+        out = {}
+        with self.engine.connect() as conn:
+            for name in ("therapists", "clients", "episodes", "goals", "administrations",
+                         "batches", "quarantine"):
+                table = metadata.tables[name]
+                out[name] = int(conn.execute(sa.select(sa.func.count()).select_from(table))
+                                .scalar_one())
+        return out
+
+    def read_table(self, name: str) -> pd.DataFrame:
+        """A whole table as a DataFrame (small tables and tests)."""
+        table = metadata.tables[name]
+        with self.engine.connect() as conn:
+            return pd.DataFrame(conn.execute(sa.select(table)).mappings().all(),
+                                columns=list(table.c.keys()))
+
+    # ------------------------------------------------------------------ writes
+    def start_batch(self, conn: Connection, file: str, content_hash: str, kind: str | None,
+                    started_at: datetime) -> int:
+        res = conn.execute(batches.insert().values(
+            file=file, content_hash=content_hash, kind=kind, status="running",
+            started_at=started_at, records=0, accepted=0, duplicates=0, quarantined=0))
+        return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+    def finish_batch(self, conn: Connection, batch_id: int, *, status: str, records: int,
+                     accepted: int, duplicates: int, quarantined: int,
+                     by_reason: dict[str, int], warnings: dict[str, int],
+                     extra_columns: Sequence[str], error: str | None) -> None:
+        conn.execute(batches.update().where(batches.c.batch_id == batch_id).values(
+            status=status, finished_at=utcnow(), records=records, accepted=accepted,
+            duplicates=duplicates, quarantined=quarantined,
+            by_reason=json.dumps(by_reason, sort_keys=True),
+            warnings=json.dumps(warnings, sort_keys=True),
+            extra_columns=json.dumps(list(extra_columns)), error=error))
+
+    def insert_quarantine(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            conn.execute(quarantine.insert(), rows)
+
+    def insert_administrations(self, conn: Connection, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        cols = [c.name for c in administrations.c if c.name != "admin_id"]
+        conn.execute(administrations.insert(), _records(frame[cols]))
+
+    def upsert_entities(self, conn: Connection, kind: str, new: pd.DataFrame,
+                        updated: pd.DataFrame) -> None:
+        table = ENTITY_TABLES[kind]
+        key = ENTITY_KEYS[kind]
+        cols = [c.name for c in table.c]
+        if not new.empty:
+            conn.execute(table.insert(), _records(new[cols]))
+        for rec in _records(updated[cols]) if not updated.empty else []:
+            conn.execute(table.update().where(table.c[key] == rec[key]).values(**rec))
+
+    def insert_goals(self, conn: Connection, frame: pd.DataFrame, batch_id: int) -> None:
+        if frame.empty:
+            return
+        now = utcnow()
+        plan_rows = [{"episode_id": e, "version": int(v), "created_at": now, "batch_id": batch_id}
+                     for e, v in frame[["episode_id", "plan_version"]].drop_duplicates()
+                     .itertuples(index=False)]
+        conn.execute(plans.insert(), plan_rows)
+        cols = [c.name for c in goals.c]
+        conn.execute(goals.insert(), _records(frame[cols]))
+
+
+def _parts(ids: Sequence[str], size: int = 900) -> Iterator[list[str]]:
+    """Split an id list into parts that fit a bound-parameter limit."""
+    ids = list(dict.fromkeys(ids))
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as dicts of plain Python values (NA -> None) for the DBAPI."""
+    out = frame.astype(object).where(frame.notna(), None)
+    recs: list[dict[str, Any]] = [{str(k): v for k, v in r.items()}
+                                  for r in out.to_dict(orient="records")]
+    for rec in recs:
+        for k, v in rec.items():
+            if isinstance(v, np.generic):
+                rec[k] = v.item()
+            elif isinstance(v, pd.Timestamp):
+                rec[k] = v.to_pydatetime()
+    return recs

@@ -1,0 +1,390 @@
+"""Boundary validation: split raw string records into typed accepted rows and quarantine.
+
+Each check is a vectorised mask over a chunk; the first failing check of a record names
+its reason (order below = precedence). Typed output frames are then checked against
+pandera schemas: a schema failure there is a bug in OnTrack (``ValidationError``), never
+bad input, which is always quarantined with a reason code instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from pipeline.errors import ValidationError
+from pipeline.ingest.formats import QuarantineRecord
+from pipeline.reasons import Reason
+from pipeline.scales import Registry
+
+__all__ = [
+    "END_REASONS",
+    "GOAL_KINDS",
+    "Context",
+    "Checked",
+    "administration_schema",
+    "check_administrations",
+    "check_entities",
+    "parse_timestamps",
+]
+
+END_REASONS = ("completed", "dropped_out", "referred_on", "other")
+GOAL_KINDS = ("below", "reduction_pct", "reliable_improvement", "remission", "recovery")
+
+_INT_RE = r"^\s*[+-]?\d+(\.0*)?\s*$"
+_OFFSET_RE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$")
+_DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
+_SESSION_DUE_RE = r"^session:(\d+)$"
+
+
+@dataclass
+class Context:
+    """What validation needs to know beyond the chunk itself."""
+
+    registry: Registry
+    now: datetime  # naive UTC
+    timezone: str = "UTC"
+    future_tolerance_hours: float = 24.0
+    max_field_chars: int = 10_000
+    therapists: set[str] = field(default_factory=set)
+    clients: set[str] = field(default_factory=set)
+    episode_client: dict[str, str] = field(default_factory=dict)
+    episode_start: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checked:
+    """Result of checking a chunk: typed accepted rows and quarantined records."""
+
+    accepted: pd.DataFrame
+    quarantined: list[QuarantineRecord]
+
+
+class _Marker:
+    """Assigns the first failing reason (and its detail) per record."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.n = len(frame)
+        self.reason = np.full(self.n, None, dtype=object)
+        self.detail = np.full(self.n, None, dtype=object)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return pd.isna(self.reason)
+
+    def mark(self, mask: Any, reason: Reason, detail: pd.Series | str) -> None:
+        m = np.asarray(mask, dtype=bool) & self.ok
+        if not m.any():
+            return
+        self.reason[m] = reason.value
+        if isinstance(detail, str):
+            self.detail[m] = detail
+        else:
+            self.detail[m] = np.asarray(detail.astype(object))[m]
+
+    def quarantine(self, frame: pd.DataFrame, columns: list[str]) -> list[QuarantineRecord]:
+        bad = ~self.ok
+        if not bad.any():
+            return []
+        raw = frame.loc[bad, columns].to_dict(orient="records")
+        lines = frame.loc[bad, "_line"].to_numpy()
+        return [
+            QuarantineRecord(int(line), Reason(r), str(d), QuarantineRecord.raw_json(rec),
+                             f"line {int(line)}")
+            for line, r, d, rec in zip(lines, self.reason[bad], self.detail[bad], raw,
+                                       strict=True)
+        ]
+
+
+def _say(column: str, values: pd.Series, expected: str) -> pd.Series:
+    """A detail message per record naming the column, value and what was expected."""
+    return f"column {column!r}: value '" + values.astype(str).str.slice(0, 80) + \
+        f"' is not {expected}"
+
+
+def parse_timestamps(values: pd.Series, timezone: str = "UTC") -> pd.Series:
+    """Parse ISO 8601 dates/datetimes to naive UTC ``datetime64[us]`` (NaT when invalid).
+
+    Values with an offset are converted to UTC; values without one are read as local
+    time in ``timezone``.
+    """
+    s = values.astype("str").str.strip()
+    has_offset = s.str.contains(_OFFSET_RE, na=False)
+    out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us]")
+    if has_offset.any():
+        aware = pd.to_datetime(s[has_offset], format="ISO8601", utc=True, errors="coerce")
+        out[has_offset] = aware.dt.tz_localize(None).astype("datetime64[us]")
+    naive_mask = ~has_offset & (s != "")
+    if naive_mask.any():
+        naive = pd.to_datetime(s[naive_mask], format="ISO8601", errors="coerce")
+        if timezone != "UTC":
+            naive = naive.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+            naive = naive.dt.tz_convert("UTC").dt.tz_localize(None)
+        out[naive_mask] = naive.astype("datetime64[us]")
+    return out
+
+
+def _ints(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(parsed nullable Int64, mask of non-empty values that are not integers)."""
+    s = values.astype("str").str.strip()
+    present = s != ""
+    good = s.str.match(_INT_RE, na=False)
+    parsed = pd.to_numeric(s.where(present & good), errors="coerce")
+    return parsed.astype("Int64"), present & ~good
+
+
+def _field_too_large(m: _Marker, frame: pd.DataFrame, columns: list[str], limit: int) -> None:
+    for col in columns:
+        long = frame[col].str.len() > limit
+        if long.any():
+            m.mark(long, Reason.FIELD_TOO_LARGE,
+                   f"column {col!r}: value longer than {limit} characters")
+
+
+def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
+    """Validate raw administration records (SPEC §11) and type the accepted ones."""
+    reg = ctx.registry
+    k = reg.max_items
+    item_cols = [f"item_{i}" for i in range(1, k + 1)]
+    for col in item_cols:
+        if col not in frame.columns:
+            frame[col] = ""
+    original = [c for c in frame.columns if c != "_line"]
+    m = _Marker(frame)
+    _field_too_large(m, frame, original, ctx.max_field_chars)
+
+    ep = frame["episode_id"].str.strip()
+    measure = frame["measure"].str.strip()
+    when_raw = frame["administered_at"].str.strip()
+    for col, s in (("episode_id", ep), ("measure", measure), ("administered_at", when_raw)):
+        m.mark(s == "", Reason.MISSING_FIELD, f"required column {col!r} is empty")
+
+    known = measure.isin(list(reg))
+    m.mark(~known, Reason.UNKNOWN_MEASURE,
+           "column 'measure': value '" + measure.str.slice(0, 40) +
+           f"' is not a registry code ({', '.join(reg)})")
+
+    when = parse_timestamps(when_raw, ctx.timezone)
+    m.mark(when.isna(), Reason.BAD_DATE,
+           _say("administered_at", when_raw, "an ISO 8601 date or date-time"))
+    limit = pd.Timestamp(ctx.now) + pd.Timedelta(hours=ctx.future_tolerance_hours)
+    m.mark(when > limit, Reason.FUTURE_DATE,
+           "column 'administered_at': " + when_raw + f" is in the future (now {ctx.now:%Y-%m-%dT%H:%M}Z)")
+
+    session, bad_session = _ints(frame["session_number"])
+    m.mark(bad_session | (session < 1).fillna(False), Reason.BAD_VALUE,
+           _say("session_number", frame["session_number"], "a whole number >= 1"))
+    total, bad_total = _ints(frame["total"])
+    m.mark(bad_total, Reason.BAD_VALUE, _say("total", frame["total"], "a whole number"))
+    items = {}
+    for col in item_cols:
+        items[col], bad_item = _ints(frame[col])
+        m.mark(bad_item, Reason.BAD_VALUE, _say(col, frame[col], "a whole number"))
+
+    # Per-scale ranges: the registry, not code branches, says what is valid.
+    n_items = measure.map({c: s.items for c, s in reg.items()})
+    lo = measure.map({c: s.item_min for c, s in reg.items()})
+    hi = measure.map({c: s.item_max for c, s in reg.items()})
+    for i, col in enumerate(item_cols, start=1):
+        v = items[col]
+        beyond = v.notna() & (n_items < i)
+        m.mark(beyond, Reason.ITEM_OUT_OF_RANGE,
+               f"column {col!r}: given, but the scale '" + measure + "' has only " +
+               n_items.astype("Int64").astype(str) + " items")
+        out = v.notna() & ((v < lo) | (v > hi)).fillna(False)
+        m.mark(out, Reason.ITEM_OUT_OF_RANGE,
+               f"column {col!r}: value " + v.astype(str) + " is outside the item range " +
+               lo.astype("Int64").astype(str) + "-" + hi.astype("Int64").astype(str))
+
+    answered = pd.DataFrame(items).notna()
+    has_items = answered.any(axis=1)
+    m.mark(~has_items & total.isna(), Reason.MISSING_FIELD,
+           "neither item responses nor a total are given")
+
+    tmin = measure.map({c: s.total_min for c, s in reg.items()})
+    tmax = measure.map({c: s.total_max for c, s in reg.items()})
+    m.mark(total.notna() & ((total < tmin) | (total > tmax)).fillna(False),
+           Reason.TOTAL_OUT_OF_RANGE,
+           "column 'total': value " + total.astype(str) + " is outside " +
+           tmin.astype("Int64").astype(str) + "-" + tmax.astype("Int64").astype(str))
+
+    # Missing required (non-optional) items, against the proration limit.
+    missing_req = pd.Series(0, index=frame.index, dtype="int64")
+    for i, col in enumerate(item_cols, start=1):
+        required_here = (n_items >= i) & ~measure.map(
+            {c: i in s.optional_items for c, s in reg.items()}).fillna(False).astype(bool)
+        missing_req += (required_here & ~answered[col]).astype("int64")
+    max_missing = measure.map({c: s.max_missing for c, s in reg.items()})
+    m.mark(has_items & (missing_req > max_missing).fillna(False), Reason.TOO_MANY_MISSING_ITEMS,
+           missing_req.astype(str) + " items missing; at most " +
+           max_missing.astype("Int64").astype(str) + " may be prorated for " + measure)
+
+    m.mark(~ep.isin(ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
+           "column 'episode_id': '" + ep.str.slice(0, 40) +
+           "' is not a known episode; ingest the episodes file first")
+    if "client_id" in frame.columns:
+        cid = frame["client_id"].str.strip()
+        owner = ep.map(ctx.episode_client)
+        m.mark((cid != "") & owner.notna() & (cid != owner), Reason.CLIENT_MISMATCH,
+               "the record's client is not the client of episode '" + ep.str.slice(0, 40) + "'")
+
+    ok = m.ok
+    accepted = pd.DataFrame({
+        "episode_id": ep[ok].astype("str"),
+        "measure": measure[ok].astype("str"),
+        "administered_at": when[ok],
+        "session_number": session[ok],
+        "total_supplied": total[ok],
+        **{col: items[col][ok] for col in item_cols},
+        "_line": frame.loc[ok, "_line"],
+    })
+    return Checked(accepted.reset_index(drop=True), m.quarantine(frame, original))
+
+
+def administration_schema(registry: Registry) -> pa.DataFrameSchema:
+    """Contract for scored administrations on their way into the store."""
+    k = registry.max_items
+    tmax = {c: s.total_max for c, s in registry.items()}
+    tmin = {c: s.total_min for c, s in registry.items()}
+
+    def score_in_range(df: pd.DataFrame) -> pd.Series:
+        return (df["score"] >= df["measure"].map(tmin)) & (df["score"] <= df["measure"].map(tmax))
+
+    return pa.DataFrameSchema(
+        {
+            "episode_id": pa.Column(str, pa.Check.str_length(1, 200)),
+            "measure": pa.Column(str, pa.Check.isin(list(registry))),
+            "administered_at": pa.Column("datetime64[us]"),
+            "session_number": pa.Column("Int64", pa.Check.ge(1), nullable=True),
+            "total_supplied": pa.Column("Int64", nullable=True),
+            **{f"item_{i}": pa.Column("Int64", nullable=True) for i in range(1, k + 1)},
+            "score": pa.Column("int64"),
+            "prorated": pa.Column(bool),
+            "n_missing": pa.Column("int64", pa.Check.ge(0)),
+            "has_items": pa.Column(bool),
+            "risk": pa.Column(str, pa.Check.isin(["yes", "no", "unknown"]), nullable=True),
+            "risk_value": pa.Column("Int64", nullable=True),
+            "total_mismatch": pa.Column(bool),
+        },
+        checks=[pa.Check(score_in_range, name="score_in_scale_range")],
+        strict=False,
+    )
+
+
+def validate_scored(frame: pd.DataFrame, registry: Registry) -> pd.DataFrame:
+    """Check scored rows against :func:`administration_schema` (a failure is a bug)."""
+    try:
+        return administration_schema(registry).validate(frame, lazy=True)
+    except (pa.errors.SchemaErrors, pa.errors.SchemaError) as exc:
+        raise ValidationError(f"scored administrations broke their schema: {exc}") from exc
+
+
+# ---------------------------------------------------------------- entity files
+
+
+def _dates(m: _Marker, frame: pd.DataFrame, col: str, required: bool) -> pd.Series:
+    s = frame[col].str.strip()
+    if required:
+        m.mark(s == "", Reason.MISSING_FIELD, f"required column {col!r} is empty")
+    ok_form = s.str.match(_DATE_RE, na=False)
+    parsed = pd.to_datetime(s.where(ok_form), format="%Y-%m-%d", errors="coerce")
+    m.mark((s != "") & parsed.isna(), Reason.BAD_DATE, _say(col, s, "an ISO date YYYY-MM-DD"))
+    return parsed.dt.date.where(parsed.notna(), None)
+
+
+def _required(m: _Marker, frame: pd.DataFrame, cols: tuple[str, ...]) -> dict[str, pd.Series]:
+    out = {}
+    for col in cols:
+        s = frame[col].str.strip()
+        m.mark(s == "", Reason.MISSING_FIELD, f"required column {col!r} is empty")
+        out[col] = s
+    return out
+
+
+def _optional(frame: pd.DataFrame, col: str) -> pd.Series:
+    s = frame[col].str.strip()
+    return s.where(s != "", None)
+
+
+def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
+    """Validate raw therapists, clients, episodes or plans records."""
+    original = [c for c in frame.columns if c != "_line"]
+    m = _Marker(frame)
+    _field_too_large(m, frame, original, ctx.max_field_chars)
+    out: dict[str, Any] = {}
+    today = pd.Timestamp(ctx.now).date()
+    if kind == "therapists":
+        out.update(_required(m, frame, ("therapist_id", "name")))
+        out["team"] = _optional(frame, "team")
+    elif kind == "clients":
+        out.update(_required(m, frame, ("client_id",)))
+        birth = _dates(m, frame, "birth_date", required=False)
+        m.mark(birth.map(lambda d: d is not None and d > today, na_action="ignore")
+               .fillna(False).astype(bool), Reason.FUTURE_DATE,
+               "column 'birth_date' is in the future")
+        out["birth_date"] = birth
+        for col in ("given_name", "family_name", "sex", "ethnicity", "postcode",
+                    "record_number"):
+            out[col] = _optional(frame, col)
+    elif kind == "episodes":
+        req = _required(m, frame, ("episode_id", "client_id", "therapist_id"))
+        out.update(req)
+        start = _dates(m, frame, "start_date", required=True)
+        end = _dates(m, frame, "end_date", required=False)
+        ends_before = pd.Series([e is not None and s is not None and e < s
+                                 for s, e in zip(start, end, strict=True)], index=frame.index)
+        m.mark(ends_before, Reason.BAD_DATE, "column 'end_date' is before 'start_date'")
+        future = pd.Series([s is not None and s > today for s in start], index=frame.index)
+        m.mark(future, Reason.FUTURE_DATE, "column 'start_date' is in the future")
+        reason = frame["end_reason"].str.strip()
+        m.mark((reason != "") & ~reason.isin(END_REASONS), Reason.BAD_VALUE,
+               _say("end_reason", reason, f"one of {', '.join(END_REASONS)}"))
+        m.mark(~req["client_id"].isin(ctx.clients), Reason.UNKNOWN_CLIENT,
+               "column 'client_id': '" + req["client_id"].str.slice(0, 40) +
+               "' is not a known client; ingest the clients file first")
+        m.mark(~req["therapist_id"].isin(ctx.therapists), Reason.UNKNOWN_THERAPIST,
+               "column 'therapist_id': '" + req["therapist_id"].str.slice(0, 40) +
+               "' is not a known therapist; ingest the therapists file first")
+        out["start_date"] = start
+        out["end_date"] = end
+        out["end_reason"] = reason.where(reason != "", None)
+        out["team"] = _optional(frame, "team")
+    elif kind == "plans":
+        req = _required(m, frame, ("episode_id", "goal_id", "measure", "kind", "target", "due"))
+        out.update({c: req[c] for c in ("episode_id", "goal_id", "measure", "kind")})
+        m.mark(~req["measure"].isin(list(ctx.registry)), Reason.UNKNOWN_MEASURE,
+               "column 'measure': '" + req["measure"].str.slice(0, 40) +
+               "' is not a registry code")
+        m.mark(~req["kind"].isin(GOAL_KINDS), Reason.BAD_VALUE,
+               _say("kind", req["kind"], f"one of {', '.join(GOAL_KINDS)}"))
+        target = pd.to_numeric(req["target"].where(req["target"] != ""), errors="coerce")
+        m.mark((req["target"] != "") & target.isna(), Reason.BAD_VALUE,
+               _say("target", req["target"], "a number"))
+        due = req["due"]
+        due_session = due.str.extract(_SESSION_DUE_RE)[0]
+        is_date = due.str.match(_DATE_RE, na=False)
+        due_date = pd.to_datetime(due.where(is_date), format="%Y-%m-%d", errors="coerce")
+        m.mark((due != "") & due_date.isna() & due_session.isna(), Reason.BAD_VALUE,
+               _say("due", due, "an ISO date or session:N"))
+        sustain, bad_sustain = _ints(frame["sustain"])
+        m.mark(bad_sustain | (sustain < 1).fillna(False), Reason.BAD_VALUE,
+               _say("sustain", frame["sustain"], "a whole number >= 1"))
+        m.mark(~req["episode_id"].isin(ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
+               "column 'episode_id': '" + req["episode_id"].str.slice(0, 40) +
+               "' is not a known episode; ingest the episodes file first")
+        out["target"] = target
+        out["due_date"] = due_date.dt.date.where(due_date.notna(), None)
+        out["due_session"] = pd.to_numeric(due_session, errors="coerce").astype("Int64")
+        out["sustain"] = sustain.fillna(1)
+        out["description"] = _optional(frame, "description")
+    else:  # pragma: no cover - kinds are fixed by formats.KINDS
+        raise ValidationError(f"unknown record kind {kind!r}")
+    ok = m.ok
+    accepted = pd.DataFrame({c: (v[ok] if isinstance(v, pd.Series) else v) for c, v in out.items()})
+    accepted["_line"] = frame.loc[ok, "_line"]
+    return Checked(accepted.reset_index(drop=True), m.quarantine(frame, original))

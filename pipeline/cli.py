@@ -114,6 +114,48 @@ def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.compute import compute
+
+    store = _store(settings)
+    rep = compute(store, settings, load_registry(), full=args.full,
+                  keep_reference=args.keep_reference)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        t = rep.timings
+        print(f"compute run {rep.run_id} ({rep.mode}): {rep.episodes} episodes, "
+              f"{rep.outcome_rows} episode x measure outcomes, {rep.sudden_rows} sudden "
+              f"gains/losses; reference {'rebuilt' if rep.reference_rebuilt else 'kept'}; "
+              f"{t['total']:.2f} s (read {t['read']:.2f}, reference {t['reference']:.2f}, "
+              f"statistics {t['statistics']:.2f}, write {t['write']:.2f})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import date
+
+    from pipeline.report import service_report
+
+    store = _store(settings)
+    rep = service_report(store, settings, load_registry(), team=args.team,
+                         therapist=args.therapist,
+                         date_from=date.fromisoformat(args.date_from) if args.date_from else None,
+                         date_to=date.fromisoformat(args.date_to) if args.date_to else None)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"finished episodes {rep['finished_episodes']}, at caseness {rep['at_caseness']}")
+    for m in ("recovered", "reliably_improved", "reliably_deteriorated", "reliably_recovered"):
+        rate = rep[f"{m}_rate"]
+        if rate is None:
+            print(f"  {m:22} {rep[m]:>6}   -")
+            continue
+        print(f"  {m:22} {rep[m]:>6}  {100 * rate:5.1f}%  (95% CI "
+              f"{100 * rep[m + '_ci_low']:.1f}-{100 * rep[m + '_ci_high']:.1f}%)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -144,6 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", action="store_true",
                    help="the configuration of the committed data/sample")
     s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("compute", help="compute outcomes (incremental unless --full)")
+    s.add_argument("--full", action="store_true", help="recompute every episode and "
+                   "rebuild the reference (baseline SDs, expected recovery curves)")
+    s.add_argument("--keep-reference", action="store_true",
+                   help="with --full: keep the stored reference")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_compute)
+
+    s = sub.add_parser("report", help="service outcomes (SPEC §5) with Wilson intervals")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--team")
+    s.add_argument("--therapist")
+    s.add_argument("--from", dest="date_from", help="episodes ended on/after (YYYY-MM-DD)")
+    s.add_argument("--to", dest="date_to", help="episodes ended on/before (YYYY-MM-DD)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

@@ -43,6 +43,21 @@ class Settings:
     reliable_change_method: str = "fixed"
     #: Significance level of the Jacobson-Truax RCI.
     rci_alpha: float = 0.05
+    #: Depression and anxiety measures of the NHS Talking Therapies metrics (SPEC §5).
+    depression_measure: str = "PHQ-9"
+    anxiety_measure: str = "GAD-7"
+    #: Expected recovery curves: upper tolerance percentile and minimum stratum size.
+    curve_percentile: float = 0.75
+    curve_min_stratum: int = 30
+    #: Not on track is judged from this administration (k) on.
+    not_on_track_from: int = 3
+    #: Stalled: at least this many administrations over at least this many weeks ...
+    stalled_min_administrations: int = 4
+    stalled_min_weeks: float = 4.0
+    #: ... and a slope above this (points per week; mirrored for higher-is-better).
+    stalled_slope_per_week: float = -0.25
+    #: Response: at least this % reduction from baseline (NQF 1885).
+    response_pct: float = 50.0
     #: Largest input file accepted, in bytes (hostile-input guard).
     max_file_bytes: int = 2 * 1024**3
     #: Largest single CSV field accepted, in characters.
@@ -51,6 +66,12 @@ class Settings:
     chunk_rows: int = 200_000
     #: Flask secret key for the dashboard (environment only).
     secret_key: str = field(default="", repr=False)
+
+    def caseness(self, setting: str | None, default: int | None) -> int | None:
+        """A scale's caseness cut-off, overridden by the setting the registry names."""
+        if setting and hasattr(self, setting):
+            return int(getattr(self, setting))
+        return default
 
     @property
     def resolved_database_url(self) -> str:

@@ -146,6 +146,81 @@ quarantine = sa.Table(
     sa.Column("raw", sa.Text),
 )
 
+# ---------------------------------------------------------------- computed results
+_F, _I, _B, _S = sa.Float, sa.Integer, sa.Boolean, sa.String(40)
+
+outcomes = sa.Table(
+    "outcomes", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("measure", sa.String(20), primary_key=True),
+    sa.Column("n", _I, nullable=False),
+    sa.Column("first_score", _I, nullable=False),
+    sa.Column("first_at", sa.DateTime, nullable=False),
+    sa.Column("last_score", _I, nullable=False),
+    sa.Column("last_at", sa.DateTime, nullable=False),
+    sa.Column("min_score", _I), sa.Column("max_score", _I),
+    sa.Column("weeks", _F), sa.Column("change", _F), sa.Column("pct_change", _F),
+    sa.Column("sd_used", _F), sa.Column("r_used", _F), sa.Column("clinical_cutoff", _F),
+    sa.Column("rci", _F), sa.Column("jt_direction", _S), sa.Column("jt_category", _S),
+    sa.Column("rc_points", _F), sa.Column("fixed_change", _S),
+    sa.Column("caseness_first", _B), sa.Column("caseness_last", _B),
+    sa.Column("response", _B), sa.Column("remission", _B),
+    sa.Column("slope_week", _F), sa.Column("slope_se_week", _F),
+    sa.Column("slope_ci_low", _F), sa.Column("slope_ci_high", _F),
+    sa.Column("theil_sen_week", _F), sa.Column("trend_status", _S),
+    sa.Column("stalled", _B), sa.Column("stalled_slow_slope", _B),
+    sa.Column("stalled_ci_includes_zero", _B),
+    sa.Column("band", _S), sa.Column("k_last", _I),
+    sa.Column("expected_median", _F), sa.Column("expected_upper", _F),
+    sa.Column("expected_lower", _F), sa.Column("curve_source", _S),
+    sa.Column("not_on_track", _B), sa.Column("not_on_track_consecutive", _B),
+    sa.Column("sudden_gains", _I), sa.Column("first_sudden_gain", _I),
+    sa.Column("sudden_losses", _I), sa.Column("first_sudden_loss", _I),
+    sa.Column("run_id", _I, nullable=False),
+)
+
+sudden_changes = sa.Table(
+    "sudden_changes", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("measure", sa.String(20), primary_key=True),
+    sa.Column("kind", sa.String(10), primary_key=True),
+    sa.Column("pregain_session", _I, primary_key=True),
+    sa.Column("size", _F), sa.Column("score_before", _F), sa.Column("score_after", _F),
+    sa.Column("n_pre", _I), sa.Column("n_post", _I), sa.Column("crit3_adjusted", _B),
+    sa.Column("run_id", _I, nullable=False),
+)
+
+reference_norms = sa.Table(
+    "reference_norms", metadata,
+    sa.Column("measure", sa.String(20), primary_key=True),
+    sa.Column("sd", _F, nullable=False),
+    sa.Column("n", _I, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("run_id", _I, nullable=False),
+)
+
+expected_curves = sa.Table(
+    "expected_curves", metadata,
+    sa.Column("measure", sa.String(20), primary_key=True),
+    sa.Column("band", sa.String(40), primary_key=True),
+    sa.Column("k", _I, primary_key=True),
+    sa.Column("n", _I, nullable=False),
+    sa.Column("median", _F), sa.Column("upper", _F), sa.Column("lower", _F),
+    sa.Column("source", sa.String(40)),
+    sa.Column("run_id", _I, nullable=False),
+)
+
+compute_runs = sa.Table(
+    "compute_runs", metadata,
+    sa.Column("run_id", _I, primary_key=True, autoincrement=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("mode", sa.String(20), nullable=False),
+    sa.Column("watermark", _I, nullable=False),  # highest batch_id included
+    sa.Column("episodes", _I),
+    sa.Column("status", sa.String(20), nullable=False),
+)
+
 ENTITY_TABLES = {"therapists": therapists, "clients": clients, "episodes": episodes}
 ENTITY_KEYS = {"therapists": "therapist_id", "clients": "client_id", "episodes": "episode_id"}
 #: Fields that may change on a later export of the same entity (anything else conflicts).

@@ -36,7 +36,9 @@ __all__ = [
 END_REASONS = ("completed", "dropped_out", "referred_on", "other")
 GOAL_KINDS = ("below", "reduction_pct", "reliable_improvement", "remission", "recovery")
 
-_INT_RE = r"^\s*[+-]?\d+(\.0*)?\s*$"
+# At most 9 significant digits: a longer number cannot be a valid score, session or item,
+# and would overflow int64 on parsing (crash) instead of being quarantined as bad_value.
+_INT_RE = r"^\s*[+-]?0*\d{1,9}(\.0*)?\s*$"
 _OFFSET_RE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$")
 _DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
 _SESSION_DUE_RE = r"^session:(\d+)$"
@@ -294,7 +296,9 @@ def _dates(m: _Marker, frame: pd.DataFrame, col: str, required: bool) -> pd.Seri
     ok_form = s.str.match(_DATE_RE, na=False)
     parsed = pd.to_datetime(s.where(ok_form), format="%Y-%m-%d", errors="coerce")
     m.mark((s != "") & parsed.isna(), Reason.BAD_DATE, _say(col, s, "an ISO date YYYY-MM-DD"))
-    return parsed.dt.date.where(parsed.notna(), None)
+    # astype(object): an all-empty column would otherwise stay datetime64 (NaT, not None),
+    # which breaks the date comparisons below and warns on fillna.
+    return parsed.dt.date.astype(object).where(parsed.notna(), None)
 
 
 def _required(m: _Marker, frame: pd.DataFrame, cols: tuple[str, ...]) -> dict[str, pd.Series]:

@@ -140,7 +140,9 @@ class _Opened:
         try:
             if _looks_json(path):
                 self.kind = "administrations"
-                self._chunks = read_fhir(path, registry, settings.max_file_bytes)
+                # read_fhir is a generator: materialise it here so an unreadable file
+                # raises now (file rejected) rather than mid-batch (whole ingest aborted).
+                self._chunks = iter(list(read_fhir(path, registry, settings.max_file_bytes)))
             else:
                 csvf = open_csv(path, registry.max_items)
                 self.kind = csvf.kind.name
@@ -228,6 +230,8 @@ class _Ingestor:
                     rep.records += chunk.n_records
                     rep.extra_columns = chunk.extra_columns
                     self._quarantine(conn, rep, chunk.failed)
+                    if chunk.frame.empty:
+                        continue  # every record of the chunk already failed in the reader
                     if op.kind == "administrations":
                         self._administrations(conn, rep, chunk, ctx)
                     else:

@@ -124,7 +124,8 @@ def _record(res: dict[str, Any], registry: Registry) -> dict[str, str]:
                     "Observation carry scores")
     try:
         _MODELS[rtype].model_validate(res)
-    except (pydantic.ValidationError, ValueError, TypeError) as exc:
+    except (pydantic.ValidationError, ValueError, TypeError, RecursionError) as exc:
+        # RecursionError: a deeply nested (hostile) resource exhausts the model's recursion.
         first = str(exc).splitlines()[:3]
         raise _Skip(Reason.UNPARSEABLE, f"not a valid FHIR R4 {rtype}: {' '.join(first)}") \
             from exc

@@ -73,6 +73,8 @@ class Scale:
     loinc_panel: str | None = None
     loinc_total: str | None = None
     loinc_items: tuple[str, ...] = ()
+    remission_below: int | None = None
+    remission_source: str | None = None
     source_file: str = field(default="", compare=False)
 
     @property
@@ -261,6 +263,10 @@ def load_scale(path: Path) -> Scale:
     if not 0 <= max_missing < n_items:
         raise r.fail("proration.max_missing", f"0 to {n_items - 1}", max_missing)
 
+    rem = data.get("remission", {})
+    rem_below = r.get(rem, "below", int, "remission.") if rem else None
+    rem_source = r.get(rem, "source", str, "remission.") if rem else None
+
     loinc = data.get("loinc", {})
     loinc_items = tuple(loinc.get("items", []))
     if loinc_items and len(loinc_items) != n_items:
@@ -299,6 +305,8 @@ def load_scale(path: Path) -> Scale:
         loinc_panel=loinc.get("panel"),
         loinc_total=loinc.get("total"),
         loinc_items=loinc_items,
+        remission_below=rem_below,
+        remission_source=rem_source,
         source_file=path.name,
     )
 

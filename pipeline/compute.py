@@ -1,0 +1,219 @@
+"""``ontrack compute``: read the store, run the statistics, write the outcome tables.
+
+Incremental by default: only episodes with administrations or episode records from
+batches newer than the last run's watermark are recomputed. The *reference* (baseline
+SD per measure for the RCI, expected recovery curves) is a whole-store statistic: a full
+compute rebuilds it, an incremental run uses the stored one, so an incremental run gives
+the same outcomes as a full compute that keeps the reference (``keep_reference=True``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from pipeline.config import Settings
+from pipeline.scales import Registry
+from pipeline.stats.curves import baseline_band, build_curves
+from pipeline.stats.outcomes import Reference, episode_outcomes
+from pipeline.store import (
+    Store,
+    administrations,
+    batches,
+    compute_runs,
+    episodes,
+    expected_curves,
+    outcomes,
+    reference_norms,
+    sudden_changes,
+    utcnow,
+)
+
+__all__ = ["ComputeReport", "build_reference", "compute"]
+
+_ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score"]
+
+
+@dataclass
+class ComputeReport:
+    """What a compute run did, with timings in seconds."""
+
+    run_id: int
+    mode: str
+    episodes: int
+    outcome_rows: int
+    sudden_rows: int
+    reference_rebuilt: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "mode": self.mode, "episodes": self.episodes,
+                "outcome_rows": self.outcome_rows, "sudden_rows": self.sudden_rows,
+                "reference_rebuilt": self.reference_rebuilt,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+
+
+def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
+    cols = [administrations.c[c] for c in _ADMIN_COLS]
+    if episode_ids is None:
+        rows = conn.execute(sa.select(*cols)).all()
+    else:
+        rows = []
+        for i in range(0, len(episode_ids), 900):
+            part = episode_ids[i:i + 900]
+            rows.extend(conn.execute(sa.select(*cols).where(
+                administrations.c.episode_id.in_(part))).all())
+    df = pd.DataFrame(rows, columns=_ADMIN_COLS)
+    df["administered_at"] = pd.to_datetime(df["administered_at"]).astype("datetime64[us]")
+    df["score"] = df["score"].astype("int64")
+    df["session_number"] = df["session_number"].astype("Int64")
+    df["episode_id"] = df["episode_id"].astype("str")
+    df["measure"] = df["measure"].astype("str")
+    return df
+
+
+def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
+                    settings: Settings) -> tuple[Reference, pd.DataFrame]:
+    """Baseline SDs (n-1, over every episode's first score) and expected recovery curves.
+
+    Parameters
+    ----------
+    admins
+        Every scored administration in the store.
+    ended
+        Episode ids with an end date (curves come from finished episodes only).
+
+    Returns
+    -------
+    (reference, norms table)
+    """
+    a = admins.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    g = a.groupby(["episode_id", "measure"], sort=False)
+    firsts = g["score"].first().reset_index()
+    sd = firsts.groupby("measure")["score"].agg(["std", "size"])
+    sds: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    rows = []
+    for code, row in sd.iterrows():
+        scale = registry.get(str(code))
+        if row["size"] >= 2 and row["std"] > 0:
+            sds[str(code)] = float(row["std"])
+            sources[str(code)] = f"service baseline SD (n-1) over {int(row['size'])} episodes"
+        elif scale is not None and scale.norms_clinical is not None:
+            sds[str(code)] = scale.norms_clinical.sd
+            sources[str(code)] = f"registry clinical norms: {scale.norms_clinical.source}"
+        else:
+            continue
+        rows.append({"measure": str(code), "sd": sds[str(code)], "n": int(row["size"]),
+                     "source": sources[str(code)]})
+    k = g.cumcount() + 1
+    first_score = g["score"].transform("first")
+    curve_in = pd.DataFrame({
+        "measure": a["measure"], "k": k, "score": a["score"],
+        "band": baseline_band(a["measure"], first_score, registry),
+    })[a["episode_id"].isin(set(ended)).to_numpy()]
+    curves = build_curves(curve_in, percentile=settings.curve_percentile,
+                          min_stratum=settings.curve_min_stratum)
+    return Reference(sd=sds, sd_source=sources, curves=curves), pd.DataFrame(rows)
+
+
+def _stored_reference(conn: sa.Connection) -> Reference:
+    norms = pd.DataFrame(conn.execute(sa.select(reference_norms)).mappings().all(),
+                         columns=list(reference_norms.c.keys()))
+    curves = pd.DataFrame(conn.execute(sa.select(expected_curves)).mappings().all(),
+                          columns=list(expected_curves.c.keys()))
+    return Reference(sd=dict(zip(norms["measure"], norms["sd"].astype(float), strict=True)),
+                     sd_source=dict(zip(norms["measure"], norms["source"], strict=True)),
+                     curves=curves.drop(columns="run_id"))
+
+
+def _to_rows(frame: pd.DataFrame, table: sa.Table, run_id: int) -> list[dict[str, Any]]:
+    cols = [c.name for c in table.c]
+    f = frame.assign(run_id=run_id)
+    f = f[[c for c in cols if c in f.columns]]
+    out = f.astype(object).where(f.notna(), None)
+    recs = out.to_dict(orient="records")
+    for rec in recs:
+        for key, v in rec.items():
+            if isinstance(v, np.generic):
+                rec[key] = v.item()
+            elif isinstance(v, pd.Timestamp):
+                rec[key] = v.to_pydatetime()
+    return [{str(k): v for k, v in r.items()} for r in recs]
+
+
+def compute(store: Store, settings: Settings, registry: Registry, *, full: bool = False,
+            keep_reference: bool = False) -> ComputeReport:
+    """Recompute outcomes (incrementally unless ``full``) and store them atomically."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with store.transaction() as conn:
+        watermark = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(
+            batches.c.batch_id), 0))).scalar_one())
+        last = conn.execute(sa.select(sa.func.max(compute_runs.c.watermark)).where(
+            compute_runs.c.status == "done")).scalar_one()
+        mode = "full" if full or last is None else "incremental"
+        if mode == "incremental":
+            touched = {r[0] for r in conn.execute(sa.select(administrations.c.episode_id)
+                                                  .where(administrations.c.batch_id > last)
+                                                  .distinct())}
+            touched |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id)
+                                                   .where(episodes.c.batch_id > last))}
+            ids: list[str] | None = sorted(touched)
+        else:
+            ids = None
+        run_id = int(conn.execute(compute_runs.insert().values(
+            started_at=utcnow(), mode=mode, watermark=watermark, status="running"))
+            .inserted_primary_key[0])  # type: ignore[index]
+        admins = _read_admins(conn, ids)
+        timings["read"] = time.perf_counter() - t0
+
+        rebuild = mode == "full" and not keep_reference
+        t1 = time.perf_counter()
+        if rebuild:
+            ended = pd.Series([r[0] for r in conn.execute(
+                sa.select(episodes.c.episode_id).where(episodes.c.end_date.is_not(None)))])
+            reference, norms = build_reference(admins, ended, registry, settings)
+        else:
+            reference = _stored_reference(conn)
+        timings["reference"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        out, sudden = episode_outcomes(admins, registry, settings, reference)
+        timings["statistics"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        if ids is None:
+            conn.execute(outcomes.delete())
+            conn.execute(sudden_changes.delete())
+        else:
+            for i in range(0, len(ids), 900):
+                part = ids[i:i + 900]
+                conn.execute(outcomes.delete().where(outcomes.c.episode_id.in_(part)))
+                conn.execute(sudden_changes.delete().where(
+                    sudden_changes.c.episode_id.in_(part)))
+        if not out.empty:
+            conn.execute(outcomes.insert(), _to_rows(out, outcomes, run_id))
+        if not sudden.empty:
+            conn.execute(sudden_changes.insert(), _to_rows(sudden, sudden_changes, run_id))
+        if rebuild:
+            conn.execute(reference_norms.delete())
+            conn.execute(expected_curves.delete())
+            if not norms.empty:
+                conn.execute(reference_norms.insert(), _to_rows(norms, reference_norms, run_id))
+            if not reference.curves.empty:
+                conn.execute(expected_curves.insert(),
+                             _to_rows(reference.curves, expected_curves, run_id))
+        n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
+        conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
+            finished_at=utcnow(), status="done", episodes=n_episodes))
+        timings["write"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
+    return ComputeReport(run_id=run_id, mode=mode, episodes=n_episodes,
+                         outcome_rows=len(out), sudden_rows=len(sudden),
+                         reference_rebuilt=rebuild, timings=timings)

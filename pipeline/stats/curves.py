@@ -1,0 +1,101 @@
+"""Expected recovery curves (ERC) and "not on track" (SPEC §6).
+
+Built empirically from the service's own finished episodes (Finch, Lambert & Schaalje
+2001): by measure, baseline severity band and administration number k, the median
+and an upper tolerance percentile (default 75th) of the score. A stratum with fewer
+than ``min_stratum`` episodes falls back to the coarser stratum (measure x k, all
+bands), and says so in ``source``.
+
+References
+----------
+.. [1] Finch AE, Lambert MJ, Schaalje BG. Psychotherapy quality control: the
+       statistical generation of expected recovery curves for integration into an
+       early warning system. Clin Psychol Psychother. 2001;8(4):231-242.
+.. [2] Delgadillo J, de Jong K, Lucock M, et al. Feedback-informed treatment versus
+       usual psychological treatment for depression and anxiety: a multisite, open-label,
+       cluster randomised controlled trial. Lancet Psychiatry. 2018;5(7):564-572.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.scales import Registry
+
+__all__ = ["ALL_BANDS", "baseline_band", "build_curves", "lookup_curve"]
+
+ALL_BANDS = "all"
+CURVE_COLUMNS = ["measure", "band", "k", "n", "median", "upper", "lower", "source"]
+
+
+def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry) -> pd.Series:
+    """Severity band label of each (measure, baseline score); ``"all"`` without bands."""
+    out = pd.Series(ALL_BANDS, index=measure.index, dtype="str")
+    for code, scale in registry.items():
+        if not scale.bands:
+            continue
+        mask = (measure == code).to_numpy()
+        if not mask.any():
+            continue
+        mins = np.array([b.min for b in scale.bands])
+        labels = np.array([b.label for b in scale.bands], dtype=object)
+        idx = np.searchsorted(mins, score[mask].to_numpy(dtype=float), side="right") - 1
+        out[mask] = labels[np.clip(idx, 0, len(labels) - 1)]
+    return out
+
+
+def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,
+                 min_stratum: int = 30) -> pd.DataFrame:
+    """Median and tolerance bands of score by (measure, band, k) over finished episodes.
+
+    Parameters
+    ----------
+    scores
+        One row per administration of a *finished* episode: ``measure``, ``band``
+        (baseline severity band), ``k`` (1-based administration number) and ``score``.
+    percentile
+        Upper tolerance percentile (0.75); the lower band is ``1 - percentile``.
+    min_stratum
+        Minimum episodes in a stratum; smaller strata fall back to (measure, k).
+
+    Returns
+    -------
+    DataFrame
+        ``measure, band, k, n, median, upper, lower, source`` with ``source``
+        ``"service"`` (own stratum) or ``"service_all_bands"`` (fallback). Strata too
+        small even after the fallback are left out.
+    """
+    if scores.empty:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    q = [0.5, percentile, 1 - percentile]
+
+    def summarise(keys: list[str]) -> pd.DataFrame:
+        g = scores.groupby(keys, observed=True)["score"]
+        out = g.quantile(q).unstack()
+        out.columns = ["median", "upper", "lower"]
+        out["n"] = g.size()
+        return out.reset_index()
+
+    fine = summarise(["measure", "band", "k"])
+    coarse = summarise(["measure", "k"]).assign(band=ALL_BANDS)
+    fine_ok = fine[fine["n"] >= min_stratum].assign(source="service")
+    # Every band seen in the data gets the coarse curve where its own stratum is small.
+    bands = scores[["measure", "band"]].drop_duplicates()
+    fallback = bands.merge(coarse.drop(columns="band"), on="measure")
+    fallback = fallback[fallback["n"] >= min_stratum]
+    fallback = fallback.merge(fine_ok[["measure", "band", "k"]], how="left", indicator=True,
+                              on=["measure", "band", "k"])
+    fallback = fallback[fallback["_merge"] == "left_only"].drop(columns="_merge")
+    fallback = fallback.assign(source="service_all_bands")
+    curves = pd.concat([fine_ok, fallback], ignore_index=True)[CURVE_COLUMNS]
+    return curves.sort_values(["measure", "band", "k"]).reset_index(drop=True)
+
+
+def lookup_curve(keys: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """The curve point (median, upper, lower, source) of each (measure, band, k) row."""
+    cols = ["measure", "band", "k"]
+    if curves.empty:
+        return keys.assign(median=np.nan, upper=np.nan, lower=np.nan, source=None)
+    c = curves[[*cols, "median", "upper", "lower", "source"]].astype({"k": "int64"})
+    return keys.astype({"k": "int64"}).merge(c, on=cols, how="left")

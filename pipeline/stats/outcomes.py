@@ -1,0 +1,267 @@
+"""Per episode x measure outcomes: one vectorised pass over a partition of episodes.
+
+:func:`episode_outcomes` is the single production implementation; it needs only the
+administrations of the episodes it is given plus the *reference* (baseline SDs and
+expected recovery curves, built over the whole store), so it runs unchanged on a pandas
+partition of episodes (and so on Dask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.scales import Registry
+from pipeline.stats.change import clinical_cutoff, clinical_significance, fixed_point_change
+from pipeline.stats.curves import baseline_band, lookup_curve
+from pipeline.stats.gains import sudden_gains
+from pipeline.stats.trend import grouped_trend
+
+__all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "max_gain_columns"]
+
+SUDDEN_COLUMNS = ["episode_id", "measure", "kind", "pregain_session", "size",
+                  "score_before", "score_after", "n_pre", "n_post", "crit3_adjusted"]
+max_gain_columns = 200  # sessions beyond this are not scanned for sudden gains
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Whole-store reference statistics a partition needs."""
+
+    #: measure -> SD of baseline scores (n-1) used for the RCI.
+    sd: dict[str, float] = field(default_factory=dict)
+    #: measure -> where that SD came from.
+    sd_source: dict[str, str] = field(default_factory=dict)
+    #: expected recovery curves (see :func:`pipeline.stats.curves.build_curves`).
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _per_measure(measure: pd.Series, values: dict[str, object]) -> np.ndarray:
+    return measure.map(values).to_numpy(dtype=float)
+
+
+def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Settings,
+                     reference: Reference) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Outcomes of every episode x measure in ``admins``, and their sudden gains/losses.
+
+    Parameters
+    ----------
+    admins
+        ``episode_id, measure, administered_at, score`` (+ optional ``session_number``):
+        every scored administration of the episodes in this partition.
+    registry, settings
+        Scale definitions and thresholds.
+    reference
+        Baseline SDs and expected recovery curves.
+
+    Returns
+    -------
+    (outcomes, sudden)
+        ``outcomes``: one row per episode x measure (see ``pipeline.store.outcomes``
+        for the columns and SPEC sections). ``sudden``: one row per sudden gain or loss.
+    """
+    if admins.empty:
+        return pd.DataFrame(columns=["episode_id", "measure"]), \
+            pd.DataFrame(columns=SUDDEN_COLUMNS)
+    a = admins.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    a = a.reset_index(drop=True)
+    gid = a.groupby(["episode_id", "measure"], sort=False, observed=True).ngroup()
+    gid_np = gid.to_numpy(dtype=np.int64)
+    n_groups = int(gid_np.max()) + 1 if gid_np.size else 0
+    score = a["score"].to_numpy(dtype=np.int64)
+    k = a.groupby(gid_np).cumcount().to_numpy() + 1
+    date = a["administered_at"].to_numpy().astype("datetime64[D]")
+    starts = np.flatnonzero(np.r_[True, gid_np[1:] != gid_np[:-1]]) if gid_np.size else \
+        np.array([], dtype=np.int64)
+    ends = np.r_[starts[1:], gid_np.size] - 1
+    first_day = date[starts]
+    day = (date - np.repeat(first_day, np.diff(np.r_[starts, gid_np.size]))).astype(np.int64)
+    a["day"] = day
+    a["k"] = k
+
+    out = a.loc[starts, ["episode_id", "measure"]].reset_index(drop=True)
+    measure = out["measure"]
+    n = (ends - starts + 1).astype(np.int64)
+    first = score[starts]
+    last = score[ends]
+    out["n"] = n
+    out["first_score"] = first
+    out["first_at"] = a["administered_at"].to_numpy()[starts]
+    out["last_score"] = last
+    out["last_at"] = a["administered_at"].to_numpy()[ends]
+    out["min_score"] = np.minimum.reduceat(score, starts) if starts.size else []
+    out["max_score"] = np.maximum.reduceat(score, starts) if starts.size else []
+    span_days = day[ends]
+    out["weeks"] = span_days / 7.0
+    change = (last - first).astype(float)
+    out["change"] = change
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["pct_change"] = np.where(first != 0, 100.0 * change / first, np.nan)
+
+    higher = measure.map({c: s.higher_is_better for c, s in registry.items()}) \
+        .fillna(False).to_numpy(dtype=bool)
+    better_change = np.where(higher, change, -change)
+
+    # Reliable change (JT, reference SD) and fixed points, one registry pass.
+    rci = np.full(len(out), np.nan)
+    jt_cat = np.full(len(out), None, dtype=object)
+    jt_dir = np.full(len(out), None, dtype=object)
+    fixed = np.full(len(out), None, dtype=object)
+    sd_used = np.full(len(out), np.nan)
+    r_used = np.full(len(out), np.nan)
+    cut_used = np.full(len(out), np.nan)
+    case_first = np.full(len(out), None, dtype=object)
+    case_last = np.full(len(out), None, dtype=object)
+    remission = np.full(len(out), None, dtype=object)
+    rc_points = np.full(len(out), np.nan)
+    for code, scale in registry.items():
+        m = (measure == code).to_numpy()
+        if not m.any():
+            continue
+        caseness = settings.caseness(scale.caseness_setting, scale.caseness_cutoff)
+        cut = clinical_cutoff(scale, caseness)
+        sd = reference.sd.get(code)
+        if sd and scale.reliability is not None and cut is not None:
+            cs = clinical_significance(first[m], last[m], sd=sd, reliability=scale.reliability,
+                                       cutoff=cut, higher_is_better=scale.higher_is_better,
+                                       alpha=settings.rci_alpha)
+            rci[m] = cs["rci"].to_numpy()
+            jt_cat[m] = cs["category"].to_numpy()
+            jt_dir[m] = cs["direction"].to_numpy()
+            sd_used[m] = sd
+            r_used[m] = scale.reliability
+        if cut is not None:
+            cut_used[m] = cut
+        if scale.reliable_change_points is not None:
+            fixed[m] = fixed_point_change(first[m], last[m], points=scale.reliable_change_points,
+                                          higher_is_better=scale.higher_is_better)
+            rc_points[m] = scale.reliable_change_points
+        if caseness is not None:
+            ge = scale.caseness_comparison == ">="
+            case_first[m] = first[m] >= caseness if ge else first[m] <= caseness
+            case_last[m] = last[m] >= caseness if ge else last[m] <= caseness
+        if scale.remission_below is not None:
+            remission[m] = last[m] < scale.remission_below
+    out["sd_used"] = sd_used
+    out["r_used"] = r_used
+    out["clinical_cutoff"] = cut_used
+    out["rci"] = rci
+    out["jt_direction"] = jt_dir
+    out["jt_category"] = jt_cat
+    out["rc_points"] = rc_points
+    out["fixed_change"] = fixed
+    out["caseness_first"] = case_first
+    out["caseness_last"] = case_last
+    out["response"] = 100.0 * better_change >= settings.response_pct * first
+    out["remission"] = remission
+
+    # Trend: closed-form grouped sums.
+    trend = grouped_trend(a, ["episode_id", "measure"], day="day", score="score")
+    out = out.merge(trend.drop(columns="n"), on=["episode_id", "measure"], how="left")
+
+    # Stalled (SPEC §6): exact integer comparison of the slope with its threshold.
+    reliable_method = settings.reliable_change_method
+    improved = (out["fixed_change"] == "improved") if reliable_method == "fixed" else \
+        (out["jt_direction"] == "improved")
+    num = out["n"] * out["sum_dy"] - out["sum_d"] * out["sum_y"]
+    den = out["n"] * out["sum_dd"] - out["sum_d"] ** 2
+    thr = Fraction(settings.stalled_slope_per_week).limit_denominator(10**6)
+    lhs = 7 * num * thr.denominator
+    rhs = thr.numerator * den
+    slow = np.where(higher, lhs < -rhs, lhs > rhs) & (den > 0)
+    ci_zero = (out["slope_ci_low"] <= 0) & (out["slope_ci_high"] >= 0)
+    eligible = (out["n"] >= settings.stalled_min_administrations) & \
+        (out["weeks"] >= settings.stalled_min_weeks)
+    out["stalled"] = eligible & ~improved.fillna(False) & (ci_zero | slow)
+    out["stalled_slow_slope"] = slow
+    out["stalled_ci_includes_zero"] = ci_zero.fillna(False)
+
+    # Expected recovery curves and not on track at the latest administration.
+    out["band"] = baseline_band(measure, out["first_score"], registry)
+    out["k_last"] = n
+    prev_score = np.where(n >= 2, score[np.maximum(ends - 1, 0)], -1)
+    cur = lookup_curve(out[["measure", "band"]].assign(k=n), reference.curves)
+    prv = lookup_curve(out[["measure", "band"]].assign(k=np.maximum(n - 1, 1)),
+                       reference.curves)
+    out["expected_median"] = cur["median"].to_numpy()
+    out["expected_upper"] = cur["upper"].to_numpy()
+    out["expected_lower"] = cur["lower"].to_numpy()
+    out["curve_source"] = cur["source"].to_numpy()
+    k_from = settings.not_on_track_from
+    bound = np.where(higher, cur["lower"].to_numpy(), cur["upper"].to_numpy())
+    not_ok = np.where(higher, last < bound, last > bound)
+    judged = (n >= k_from) & ~np.isnan(bound)
+    prev_bound = np.where(higher, prv["lower"].to_numpy(), prv["upper"].to_numpy())
+    prev_not_ok = np.where(higher, prev_score < prev_bound, prev_score > prev_bound)
+    prev_judged = (n - 1 >= k_from) & ~np.isnan(prev_bound)
+    out["not_on_track"] = pd.array(np.where(judged, not_ok, False), dtype="boolean")
+    out.loc[~judged, "not_on_track"] = pd.NA
+    out["not_on_track_consecutive"] = judged & not_ok & prev_judged & prev_not_ok
+
+    sudden = _sudden(a, gid_np, n_groups, out, registry)
+    counts = sudden.groupby(["episode_id", "measure", "kind"]).agg(
+        n=("pregain_session", "size"), first=("pregain_session", "min")).reset_index()
+    for kind, n_col, first_col in (("gain", "sudden_gains", "first_sudden_gain"),
+                                   ("loss", "sudden_losses", "first_sudden_loss")):
+        c = counts[counts["kind"] == kind].drop(columns="kind")
+        c = c.rename(columns={"n": n_col, "first": first_col})
+        out = out.merge(c, on=["episode_id", "measure"], how="left")
+        out[n_col] = out[n_col].fillna(0).astype("int64")
+        out[first_col] = out[first_col].astype("Int64")
+    out["trend_status"] = np.where(out["n"] < 3, "insufficient data", "ok")
+    return out, sudden
+
+
+def _sudden(a: pd.DataFrame, gid: np.ndarray, n_groups: int, out: pd.DataFrame,
+            registry: Registry) -> pd.DataFrame:
+    """Sudden gains and losses through :func:`sudden_gains` (one shared implementation).
+
+    Scores are placed by ``session_number`` when every administration of the group has a
+    distinct one (so a missing session leaves a gap), else by administration order.
+    """
+    if n_groups == 0:
+        return pd.DataFrame(columns=SUDDEN_COLUMNS)
+    col = a["k"].to_numpy() - 1
+    if "session_number" in a.columns:
+        sn = a["session_number"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+        has_all = pd.Series(~np.isnan(sn)).groupby(gid).transform("all").to_numpy()
+        dup = pd.DataFrame({"gid": gid, "sn": sn}).duplicated(["gid", "sn"]).to_numpy()
+        any_dup = pd.Series(dup).groupby(gid).transform("any").to_numpy()
+        usable = has_all & ~any_dup
+        col = np.where(usable, np.nan_to_num(sn, nan=1).astype(np.int64) - 1, col)
+    keep = (col >= 0) & (col < max_gain_columns)
+    width = int(col[keep].max()) + 1 if keep.any() else 1
+    matrix = np.full((n_groups, width), np.nan)
+    matrix[gid[keep], col[keep]] = a["score"].to_numpy(dtype=float)[keep]
+    measures = out["measure"].to_numpy()
+    frames = []
+    for code, scale in registry.items():
+        if scale.reliable_change_points is None:
+            continue
+        rows = np.flatnonzero(measures == code)
+        if rows.size == 0:
+            continue
+        sub = matrix[rows]
+        for kind, losses in (("gain", False), ("loss", True)):
+            res = sudden_gains(sub, cutoff=scale.reliable_change_points,
+                               higher_is_better=scale.higher_is_better, losses=losses)
+            hit = res[res["gain"].fillna(False).astype(bool)]
+            if hit.empty:
+                continue
+            r = rows[hit["row"].to_numpy()]
+            j = hit["pregain_session"].to_numpy()
+            frames.append(pd.DataFrame({
+                "episode_id": out["episode_id"].to_numpy()[r], "measure": code, "kind": kind,
+                "pregain_session": j, "size": hit["change"].to_numpy(),
+                "score_before": sub[hit["row"].to_numpy(), j - 1],
+                "score_after": sub[hit["row"].to_numpy(), j],
+                "n_pre": hit["n_pre"].to_numpy(), "n_post": hit["n_post"].to_numpy(),
+                "crit3_adjusted": hit["crit3_adjusted"].to_numpy(dtype=bool),
+            }))
+    if not frames:
+        return pd.DataFrame(columns=SUDDEN_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[SUDDEN_COLUMNS]

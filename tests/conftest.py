@@ -1,0 +1,153 @@
+"""Shared fixtures and helpers for the foundation tests.
+
+Every test gets a fresh SQLite store under ``tmp_path`` and a fixed clock (``NOW``), so
+``future_date`` checks do not depend on the day the suite runs. Input files are written
+into ``tmp_path / "in"`` (never next to the database, which a directory ingest would read).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from pipeline.config import Settings, load_settings
+from pipeline.ingest.batch import IngestReport, ingest_paths
+from pipeline.scales import Registry, load_registry
+from pipeline.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+SAMPLE_INPUT = SAMPLE / "input"
+EXPECTED_QUARANTINE = SAMPLE / "truth" / "expected_quarantine.csv"
+
+#: The clock of every ingest (naive UTC). The committed sample ends 2026-10-31 and plants
+#: future-dated rows in January 2027.
+NOW = datetime(2026, 11, 27, 12, 0, 0)
+
+#: The administrations header used by most tests (PHQ-9 wide).
+ADM_HEADER = ["episode_id", "measure", "administered_at", "session_number", "total",
+              *[f"item_{i}" for i in range(1, 10)]]
+
+THERAPISTS = "therapist_id,name,team\nT1,Ann Therapist,North\nT2,Ben Therapist,South\n"
+CLIENTS = "client_id,given_name,sex\nC1,Alex,F\nC2,Sam,M\n"
+EPISODES = ("episode_id,client_id,therapist_id,team,start_date,end_date,end_reason\n"
+            "E1,C1,T1,North,2025-01-01,,\n"
+            "E2,C2,T2,South,2025-01-06,,\n")
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return load_settings(env={})
+
+
+@pytest.fixture
+def now() -> datetime:
+    return NOW
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path}/t.db")
+    s.init()
+    yield s
+    s.engine.dispose()
+
+
+@pytest.fixture
+def indir(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def entities(indir: Path) -> list[Path]:
+    """Therapists T1, T2; clients C1, C2; episodes E1 (C1, T1) and E2 (C2, T2)."""
+    return write_entities(indir)
+
+
+def write_entities(directory: Path) -> list[Path]:
+    paths = []
+    for name, text in (("therapists.csv", THERAPISTS), ("clients.csv", CLIENTS),
+                       ("episodes.csv", EPISODES)):
+        p = directory / name
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows (dicts; missing keys are blank) under ``header``; header is line 1."""
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        for row in rows:
+            w.writerow(["" if row.get(c) is None else str(row.get(c)) for c in header])
+    return path
+
+
+def adm_row(episode: str = "E1", measure: str = "PHQ-9", when: str = "2025-02-01T10:00:00",
+            items: Sequence[int | str | None] | None = (1, 1, 1, 1, 1, 1, 1, 1, 0),
+            total: int | str | None = None, session: int | str | None = 1,
+            **extra: Any) -> dict[str, Any]:
+    """An administration record as a dict of CSV fields."""
+    row: dict[str, Any] = {"episode_id": episode, "measure": measure,
+                           "administered_at": when, "session_number": session,
+                           "total": total}
+    for i, v in enumerate(items or (), start=1):
+        row[f"item_{i}"] = v
+    row.update(extra)
+    return row
+
+
+def ingest(paths: Sequence[Path | str], store: Store, settings: Settings,
+           registry: Registry, now: datetime = NOW) -> IngestReport:
+    return ingest_paths(paths, store, settings, registry, now=now)
+
+
+def quarantine(store: Store) -> pd.DataFrame:
+    return store.read_table("quarantine")
+
+
+def administrations(store: Store) -> pd.DataFrame:
+    return store.read_table("administrations")
+
+
+def raw_of(q_row: Mapping[str, Any]) -> Any:
+    return json.loads(str(q_row["raw"]))
+
+
+def reconciles(report: IngestReport) -> bool:
+    d = report.as_dict()
+    per_file = all(f["records"] == f["accepted"] + f["duplicates"] + f["quarantined"]
+                   for f in d["files"])
+    return per_file and d["records"] == d["accepted"] + d["duplicates"] + d["quarantined"]
+
+
+@pytest.fixture(scope="session")
+def sample_ingested(tmp_path_factory: pytest.TempPathFactory,
+                    registry: Registry) -> Iterator[tuple[Store, IngestReport]]:
+    """The committed sample ingested once into its own store (read-only for tests)."""
+    d = tmp_path_factory.mktemp("sample_store")
+    s = Store(f"sqlite:///{d}/t.db")
+    s.init()
+    report = ingest_paths([SAMPLE_INPUT], s, Settings(), registry, now=NOW)
+    yield s, report
+    s.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def expected_quarantine() -> pd.DataFrame:
+    return pd.read_csv(EXPECTED_QUARANTINE)

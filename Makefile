@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/ontrack init
 	$(BIN)/ontrack ingest data/sample/input
+	$(BIN)/ontrack compute
+	$(BIN)/ontrack report
 	$(BIN)/ontrack summary
 
 ## Set up with the dev extras, lint, type-check and run the whole test suite.

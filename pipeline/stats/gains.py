@@ -104,8 +104,10 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
             crit2 = pd.array([pd.NA] * rows.size, dtype="boolean")
         else:
             crit2 = pd.array(change >= pct * a[rows], dtype="boolean")
-        n1, m1, v1 = _window_stats(x[rows], j - 2, j)
-        n2, m2, v2 = _window_stats(x[rows], j + 1, j + 3)
+        lo, hi = max(j - 2, 0), min(j + 3, n_cols - 1)
+        window = x[rows, lo:hi + 1]  # only the columns the windows need
+        n1, m1, v1 = _window_stats(window, j - 2 - lo, j - lo)
+        n2, m2, v2 = _window_stats(window, j + 1 - lo, j + 3 - lo)
         evaluable = (n1 >= 2) & (n2 >= 2)
         df = np.where(evaluable, n1 + n2 - 2, 1)
         with np.errstate(invalid="ignore", divide="ignore"):

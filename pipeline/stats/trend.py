@@ -51,15 +51,15 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
     max_size = int(sizes.max()) if n else 0
     pair_gid, pair_slope = [], []
     for k in range(1, max_size):
-        i = np.arange(n - k)
-        same = gid[i] == gid[i + k]
-        if not same.any():
+        # Slices, not fancy indexing: row i pairs with row i + k of the same group.
+        idx = np.flatnonzero(gid[: n - k] == gid[k:])
+        if idx.size == 0:
             break
-        i = i[same]
-        dd = day[i + k] - day[i]
+        dd = day[idx + k] - day[idx]
         ok = dd != 0
-        pair_gid.append(gid[i][ok])
-        pair_slope.append((score[i + k][ok] - score[i][ok]) / dd[ok])
+        idx, dd = idx[ok], dd[ok]
+        pair_gid.append(gid[idx])
+        pair_slope.append((score[idx + k] - score[idx]) / dd)
     if not pair_gid:
         return np.full(n_groups, np.nan)
     return grouped_median(np.concatenate(pair_gid), np.concatenate(pair_slope), n_groups)
@@ -105,8 +105,22 @@ def grouped_trend(frame: pd.DataFrame, by: list[str], day: str = "day",
     gid_series = keys.groupby(by, sort=False, observed=True).ngroup()
     gid = gid_series.to_numpy(dtype=np.int64)
     n_groups = int(gid.max()) + 1 if gid.size else 0
-    d = f[day].to_numpy(dtype=np.int64)
-    y = f[score].to_numpy(dtype=np.int64)
+    arrays = trend_arrays(gid, f[day].to_numpy(dtype=np.int64),
+                          f[score].to_numpy(dtype=np.int64), n_groups, alpha, min_points)
+    first = ~gid_series.duplicated().to_numpy()
+    out = keys.loc[first].reset_index(drop=True)
+    for name, values in arrays.items():
+        out[name] = values
+    return out
+
+
+def trend_arrays(gid: npt.NDArray[np.int64], d: npt.NDArray[np.int64],
+                 y: npt.NDArray[np.int64], n_groups: int, alpha: float = 0.05,
+                 min_points: int = 3) -> dict[str, np.ndarray]:
+    """The computation behind :func:`grouped_trend` on group codes 0..n_groups-1.
+
+    Rows must be sorted by group (any order of days within a group).
+    """
     n = np.bincount(gid, minlength=n_groups).astype(np.int64)
 
     def isum(v: np.ndarray) -> np.ndarray:
@@ -120,22 +134,19 @@ def grouped_trend(frame: pd.DataFrame, by: list[str], day: str = "day",
     with np.errstate(invalid="ignore", divide="ignore"):
         sxx = (n * sdd - sd * sd) / nf
         sxy = (n * sdy - sd * sy) / nf
-        syy = (n * syy - sy * sy) / nf
+        syy_c = (n * syy - sy * sy) / nf
         slope = sxy / sxx
-        rss = np.maximum(syy - slope * sxy, 0.0)
+        rss = np.maximum(syy_c - slope * sxy, 0.0)
         se = np.sqrt(rss / (nf - 2) / sxx)
     enough = (n >= min_points) & (sxx > 0)
     slope = np.where(enough, slope, np.nan)
     se = np.where(enough, se, np.nan)
     t = stats.t.ppf(1 - alpha / 2, np.where(n > 2, n - 2, 1))
-    ts = theil_sen(gid, d, y.astype(float), n_groups)
-    first = ~gid_series.duplicated().to_numpy()
-    out = keys.loc[first].reset_index(drop=True)
-    out["n"] = n
-    out["sum_d"], out["sum_y"], out["sum_dy"], out["sum_dd"] = sd, sy, sdy, sdd
-    out["slope_week"] = slope * 7
-    out["slope_se_week"] = se * 7
-    out["slope_ci_low"] = (slope - t * se) * 7
-    out["slope_ci_high"] = (slope + t * se) * 7
-    out["theil_sen_week"] = np.where(enough, ts * 7, np.nan)
-    return out
+    order = np.lexsort((d, gid))
+    ts = theil_sen(gid[order], d[order], y[order].astype(float), n_groups)
+    return {
+        "n": n, "sum_d": sd, "sum_y": sy, "sum_dy": sdy, "sum_dd": sdd,
+        "slope_week": slope * 7, "slope_se_week": se * 7,
+        "slope_ci_low": (slope - t * se) * 7, "slope_ci_high": (slope + t * se) * 7,
+        "theil_sen_week": np.where(enough, ts * 7, np.nan),
+    }

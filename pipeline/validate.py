@@ -218,8 +218,10 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
     # Missing required (non-optional) items, against the proration limit.
     missing_req = pd.Series(0, index=frame.index, dtype="int64")
     for i, col in enumerate(item_cols, start=1):
-        required_here = (n_items >= i) & ~measure.map(
-            {c: i in s.optional_items for c, s in reg.items()}).fillna(False).astype(bool)
+        # isin, not map(...).fillna(False): with only unknown measures the map is all-NaN
+        # float64, and filling it with a bool warns (and will raise in pandas 4).
+        required_here = (n_items >= i) & ~measure.isin(
+            [c for c, s in reg.items() if i in s.optional_items])
         missing_req += (required_here & ~answered[col]).astype("int64")
     max_missing = measure.map({c: s.max_missing for c, s in reg.items()})
     m.mark(has_items & (missing_req > max_missing).fillna(False), Reason.TOO_MANY_MISSING_ITEMS,

@@ -64,11 +64,12 @@ def detect_kind(columns: Sequence[str]) -> tuple[Kind | None, Kind | None]:
     -------
     (kind, closest)
         ``kind`` when every required column of some kind is present; otherwise None and
-        the kind with the most required columns present (for the error message).
+        the kind with the most required columns present, ties broken by the smallest
+        number missing (for the error message).
     """
     cols = set(columns)
     best: Kind | None = None
-    best_hits = 0
+    best_hits: tuple[int, float] = (0, 0.0)
     for name in ("plans", "administrations", "episodes", "therapists", "clients"):
         kind = KINDS[name]
         if cols & _EXCLUDES.get(name, set()):
@@ -76,8 +77,12 @@ def detect_kind(columns: Sequence[str]) -> tuple[Kind | None, Kind | None]:
         hits = len(cols & set(kind.required))
         if hits == len(kind.required):
             return kind, kind
-        if hits > best_hits:
-            best, best_hits = kind, hits
+        # Ties on the count go to the kind missing the fewest of its required columns
+        # (episode_id + measure is an administrations file lacking one column, not a plans
+        # file lacking four).
+        score = (hits, hits / len(kind.required))
+        if hits and score > best_hits:
+            best, best_hits = kind, score
     return None, best
 
 

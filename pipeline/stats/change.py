@@ -245,14 +245,17 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
         [(d == "improved") & clinical_pre & functional_post, d == "improved",
          d == "unchanged", (d == "deteriorated") & ~clinical_pre & ~functional_post,
          d == "deteriorated"],
-        ["recovered", "improved", "unchanged", "harmed", "deteriorated"], default=None,
+        ["recovered", "improved", "unchanged", "harmed", "deteriorated"], default="",
     ).astype(object)
+    category[category == ""] = None
     missing = np.isnan(pre_a) | np.isnan(post_a)
     category[missing] = None
     return pd.DataFrame({
         "pre": pre_a, "post": post_a, "change": post_a - pre_a, "rci": rc.rci,
-        "direction": d, "clinical_pre": np.where(missing, None, clinical_pre),
-        "functional_post": np.where(missing, None, functional_post), "category": category,
+        "direction": d,
+        "clinical_pre": pd.Series(clinical_pre, dtype="boolean").mask(missing),
+        "functional_post": pd.Series(functional_post, dtype="boolean").mask(missing),
+        "category": category,
     })
 
 

@@ -68,7 +68,7 @@ def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,
     """
     if scores.empty:
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    q = [0.5, percentile, 1 - percentile]
+    q = np.array([0.5, percentile, 1 - percentile])
 
     def summarise(keys: list[str]) -> pd.DataFrame:
         g = scores.groupby(keys, observed=True)["score"]

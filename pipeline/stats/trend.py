@@ -114,8 +114,7 @@ def grouped_trend(frame: pd.DataFrame, by: list[str], day: str = "day",
     return out
 
 
-def trend_arrays(gid: npt.NDArray[np.int64], d: npt.NDArray[np.int64],
-                 y: npt.NDArray[np.int64], n_groups: int, alpha: float = 0.05,
+def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, alpha: float = 0.05,
                  min_points: int = 3) -> dict[str, np.ndarray]:
     """The computation behind :func:`grouped_trend` on group codes 0..n_groups-1.
 

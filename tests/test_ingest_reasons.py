@@ -17,6 +17,7 @@ import pytest
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import Store
+from pipeline.synth import SynthConfig, default_sample_config, write_sample
 from tests.conftest import (
     ADM_HEADER,
     NOW,
@@ -303,10 +304,10 @@ def test_missing_required_columns_rejects_file(indir: Path, entities: list[Path]
     assert q["reason"].tolist() == ["unreadable_file"] * 2
     assert q["file"].tolist() == [str(bad)] * 2
     assert q["line"].tolist() == [2, 3]
-    assert raw_of(q.iloc[0]) == "E1,PHQ-9,1,10"
+    assert raw_of(dict(q.iloc[0])) == "E1,PHQ-9,1,10"
     batches = store.read_table("batches").set_index("file")
     assert batches.loc[str(bad), "status"] == "rejected"
-    assert "administered_at" in batches.loc[str(bad), "error"]
+    assert "administered_at" in str(batches.loc[str(bad), "error"])
     assert reconciles(rep)
 
 
@@ -324,6 +325,28 @@ def test_binary_file_rejected(indir: Path, entities: list[Path], store: Store,
     assert (q["reason"], q["file"]) == ("unreadable_file", str(blob))
     assert pd.isna(q["line"])
     assert len(administrations(store)) == 1
+
+
+def test_file_over_size_limit_rejected(indir: Path, entities: list[Path], store: Store,
+                                      registry: Registry) -> None:
+    path = _adm(indir, [adm_row(when=f"2025-02-{d:02d}") for d in range(1, 11)])
+    assert path.stat().st_size > 300
+    rep = ingest([path], store, Settings(max_file_bytes=300), registry)
+    f = rep.files[0]
+    assert f.status == "rejected"
+    assert "300-byte limit" in (f.error or "") and str(path) in (f.error or "")
+    assert (f.records, f.accepted, f.quarantined) == (10, 0, 10)
+
+
+def test_crlf_line_endings(indir: Path, entities: list[Path], store: Store,
+                           settings: Settings, registry: Registry) -> None:
+    path = indir / "administrations.csv"
+    rows = [",".join(ADM_HEADER), ",".join(["E1", "PHQ-9", "2025-02-01", "1", "", *["3"] * 9]),
+            ",".join(["E1", "PHQ-9", "2025-02-08", "2", "", *["2"] * 9])]
+    path.write_bytes("\r\n".join(rows).encode() + b"\r\n")
+    rep = ingest([*entities, path], store, settings, registry)
+    assert rep.files[-1].accepted == 2
+    assert administrations(store)["score"].tolist() == [27, 18]
 
 
 def test_header_matching_no_kind_rejected(indir: Path, store: Store, settings: Settings,
@@ -374,10 +397,45 @@ def test_sample_quarantine_as_planted(sample_ingested: tuple[Store, Any],
     got = dict(zip(q["line"].astype(int), q["reason"], strict=True))
     assert got == dict(zip(planted["line"], planted["reason"], strict=True))
     adm = {f["kind"]: f for f in d["files"]}["administrations"]
-    n_rows = sum(1 for _ in (SAMPLE_INPUT / "administrations.csv").open(encoding="utf-8")) - 1
+    text = (SAMPLE_INPUT / "administrations.csv").read_text(encoding="utf-8")
+    n_rows = len(text.splitlines()) - 1
     assert adm["records"] == n_rows
     assert adm["duplicates"] == n_dup
     assert adm["quarantined"] == len(planted)
     assert adm["accepted"] == n_rows - n_dup - len(planted)
     assert Counter(q["reason"]) == Counter(planted["reason"])
     assert store.counts()["administrations"] == adm["accepted"]
+
+
+def test_file_of_only_unknown_measures(indir: Path, entities: list[Path], store: Store,
+                                       settings: Settings, registry: Registry) -> None:
+    """No known measure in a whole chunk: the per-scale lookups are all empty."""
+    rows = [adm_row(measure="PHQ9"), adm_row(measure="BDI-II", when="2025-02-08")]
+    rep = ingest([*entities, _adm(indir, rows)], store, settings, registry)
+    f = rep.files[-1]
+    assert (f.records, f.accepted, f.quarantined) == (2, 0, 2)
+    assert dict(f.by_reason) == {"unknown_measure": 2}
+
+
+def test_committed_sample_is_what_synth_writes(tmp_path: Path) -> None:
+    write_sample(tmp_path, default_sample_config())
+    for sub in ("input", "truth"):
+        for f in sorted((SAMPLE_INPUT.parent / sub).iterdir()):
+            assert (tmp_path / sub / f.name).read_bytes() == f.read_bytes(), f"{sub}/{f.name}"
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_synth_planted_faults_are_found(tmp_path: Path, store: Store, settings: Settings,
+                                        registry: Registry, seed: int) -> None:
+    data = write_sample(tmp_path / "s", SynthConfig(episodes=30, therapists=3, seed=seed,
+                                                    faulty_rows=22))
+    rep = ingest([tmp_path / "s" / "input"], store, settings, registry)
+    assert reconciles(rep)
+    eq = data.expected_quarantine
+    planted = eq[eq["reason"] != "duplicate"]
+    q = quarantine(store)
+    assert dict(zip(q["line"].astype(int), q["reason"], strict=True)) == \
+        dict(zip(planted["line"], planted["reason"], strict=True))
+    adm = {f.kind: f for f in rep.files}["administrations"]
+    assert adm.duplicates == int((eq["reason"] == "duplicate").sum()) == 2
+    assert adm.records == len(data.administrations)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.config import Settings
+from pipeline.ingest.batch import IngestReport
 from pipeline.scales import Registry
 from pipeline.scoring import round_half_up_ratio, score_administrations, score_items
 from pipeline.store import Store
@@ -144,25 +146,25 @@ def test_phq9_missing_risk_item_is_unknown_and_prorated(registry: Registry) -> N
 # ------------------------------------------------------------------ score_administrations
 
 
-def _frame(rows: list[dict[str, object]]) -> pd.DataFrame:
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows shaped like validate.check_administrations' accepted frame."""
-    data: dict[str, object] = {
+    data: dict[str, Any] = {
         "episode_id": pd.Series([r.get("episode_id", "E1") for r in rows], dtype="str"),
         "measure": pd.Series([r["measure"] for r in rows], dtype="str"),
         "administered_at": pd.Series(pd.to_datetime(
             [f"2025-02-{i + 1:02d}" for i in range(len(rows))])).astype("datetime64[us]"),
-        "session_number": pd.array([1] * len(rows), dtype="Int64"),
-        "total_supplied": pd.array([r.get("total") for r in rows], dtype="Int64"),
+        "session_number": pd.Series([1] * len(rows), dtype="Int64"),
+        "total_supplied": pd.Series([r.get("total") for r in rows], dtype="Int64"),
     }
     for i in range(1, 21):
-        data[f"item_{i}"] = pd.array(
-            [(list(r.get("items", [])) + [None] * 20)[i - 1] for r in rows], dtype="Int64")
+        data[f"item_{i}"] = pd.Series(
+            [([*r.get("items", []), *[None] * 20])[i - 1] for r in rows], dtype="Int64")
     data["_line"] = np.arange(2, len(rows) + 2)
     return pd.DataFrame(data)
 
 
 def test_score_administrations(registry: Registry) -> None:
-    rows: list[dict[str, object]] = [
+    rows: list[dict[str, Any]] = [
         {"measure": "PHQ-9", "items": [3, 2, 1, 0, 3, 2, 1, 3, 2]},          # 17, risk yes
         {"measure": "PHQ-9", "total": 14},                                    # totals only
         {"measure": "PHQ-9", "items": [1, 1, 1, 1, 0, 0, 0, None, 0]},       # 4.5 -> 5
@@ -194,7 +196,7 @@ def test_score_administrations(registry: Registry) -> None:
 
 def _ingest_rows(indir: Path, entities: list[Path], store: Store, settings: Settings,
                  registry: Registry, rows: list[dict[str, object]],
-                 header: list[str] = ADM_HEADER):
+                 header: list[str] = ADM_HEADER) -> IngestReport:
     p = write_csv(indir / "administrations.csv", header, rows)
     return ingest([*entities, p], store, settings, registry)
 

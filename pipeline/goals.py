@@ -1,0 +1,195 @@
+"""Goal attainment (SPEC §7): met / on_track / at_risk / overdue / no_data, with a
+projected attainment date and its interval from the trend's confidence interval.
+
+A goal is read against one measure of an episode. Per administration it is *met* when
+(lower-is-better scales; mirrored for higher-is-better):
+
+- ``below``: score < target;
+- ``reduction_pct``: a fall from the first score of at least ``target`` % of it;
+- ``reliable_improvement``: a fall of at least ``target`` points (the registry's
+  reliable-change points when ``target`` is 0 or missing);
+- ``remission``: score < the registry's remission threshold (``target`` when given);
+- ``recovery``: at caseness at the first administration and below it now.
+
+``sustain`` consecutive administrations must meet it; the goal is met at the last of them.
+Not met: ``overdue`` once past ``due`` (a date, or the ``due_session``-th administration
+has happened); ``no_data`` without administrations of the measure, or with fewer than
+3 (no trend to project from); otherwise the trend is projected from the latest score to
+the goal's boundary score: ``on_track`` when the projection lands on or before ``due``
+and the slope's 95% CI excludes "no improvement", else ``at_risk`` (also when the
+episode is stalled or not on track). The projected date comes with an interval from the
+slope's CI; a flat or worsening trend gives none ("not projected to attain").
+
+References
+----------
+.. [1] Doran GT. There's a S.M.A.R.T. way to write management's goals and objectives.
+       Manage Rev. 1981;70(11):35-36.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.scales import Registry
+
+__all__ = ["GOAL_STATUSES", "goal_status"]
+
+GOAL_STATUSES = ("met", "on_track", "at_risk", "overdue", "no_data")
+
+
+def _scale_values(measure: pd.Series, registry: Registry, settings: Settings
+                  ) -> dict[str, np.ndarray]:
+    def get(fn: object) -> np.ndarray:
+        vals = {c: fn(s) for c, s in registry.items()}  # type: ignore[operator]
+        return measure.map(vals).to_numpy(dtype=float)
+
+    return {
+        "sign": get(lambda s: -1.0 if s.higher_is_better else 1.0),
+        "points": get(lambda s: s.reliable_change_points if s.reliable_change_points
+                      is not None else np.nan),
+        "remission": get(lambda s: s.remission_below if s.remission_below is not None
+                         else np.nan),
+        "caseness": get(lambda s: settings.caseness(s.caseness_setting, s.caseness_cutoff)
+                        if s.caseness_cutoff is not None else np.nan),
+    }
+
+
+def _boundary(kind: pd.Series, target: np.ndarray, first: np.ndarray,
+              sv: dict[str, np.ndarray]) -> np.ndarray:
+    """The score a goal must get past (strictly for below/remission/recovery)."""
+    sign = sv["sign"]
+    pts = np.where(np.nan_to_num(target) > 0, target, sv["points"])
+    rem = np.where(np.isnan(target) | (target <= 0), sv["remission"], target)
+    return np.select(
+        [kind == "below", kind == "reduction_pct", kind == "reliable_improvement",
+         kind == "remission", kind == "recovery"],
+        [target, first - sign * first * target / 100.0, first - sign * pts, rem,
+         sv["caseness"]], default=np.nan)
+
+
+def _meets(kind: pd.Series, score: np.ndarray, first: np.ndarray, boundary: np.ndarray,
+           sv: dict[str, np.ndarray]) -> np.ndarray:
+    sign = sv["sign"]
+    strict = sign * score < sign * boundary  # below / remission / recovery
+    inclusive = sign * score <= sign * boundary  # reductions are "at least"
+    at_case_first = sign * first >= sign * sv["caseness"]
+    return np.select(
+        [kind == "below", kind == "reduction_pct", kind == "reliable_improvement",
+         kind == "remission", kind == "recovery"],
+        [strict, inclusive, inclusive, strict, at_case_first & strict], default=False)
+
+
+def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFrame,
+                registry: Registry, settings: Settings, today: datetime) -> pd.DataFrame:
+    """Status of every goal.
+
+    Parameters
+    ----------
+    goals
+        ``episode_id, goal_id, measure, kind, target, due_date, due_session, sustain``.
+    admins
+        ``episode_id, measure, administered_at, score`` of the goals' episodes.
+    outcomes
+        Per episode x measure: ``first_score, last_score, last_at, n, weeks,
+        slope_week, slope_ci_low, slope_ci_high, stalled, not_on_track``.
+    today
+        The date the status is judged on (naive UTC).
+
+    Returns
+    -------
+    DataFrame
+        ``goals`` plus ``status``, ``met_at``, ``boundary`` (the score to get past),
+        ``projected_at``, ``projected_earliest``, ``projected_latest`` (NaT when not
+        projected), ``due_at`` (the due date, or an estimate for ``session:N`` from the
+        episode's mean interval) and ``status_reason`` (plain words).
+    """
+    g = goals.reset_index(drop=True).copy()
+    g["_gid"] = np.arange(len(g))
+    o_cols = ["episode_id", "measure", "first_score", "last_score", "last_at", "n", "weeks",
+              "slope_week", "slope_ci_low", "slope_ci_high", "stalled", "not_on_track"]
+    g = g.merge(outcomes[o_cols], on=["episode_id", "measure"], how="left")
+    sv = _scale_values(g["measure"], registry, settings)
+    target = pd.to_numeric(g["target"], errors="coerce").to_numpy(dtype=float)
+    first = g["first_score"].to_numpy(dtype=float)
+    g["boundary"] = _boundary(g["kind"], target, first, sv)
+
+    # Per administration: meets? then runs of consecutive meeting administrations.
+    a = admins[["episode_id", "measure", "administered_at", "score"]].merge(
+        g[["_gid", "episode_id", "measure", "kind", "boundary", "first_score", "sustain"]],
+        on=["episode_id", "measure"])
+    a = a.sort_values(["_gid", "administered_at"], kind="stable").reset_index(drop=True)
+    asv = _scale_values(a["measure"], registry, settings)
+    meets = _meets(a["kind"], a["score"].to_numpy(dtype=float),
+                   a["first_score"].to_numpy(dtype=float), a["boundary"].to_numpy(dtype=float),
+                   asv)
+    run_id = (pd.Series(~meets).groupby(a["_gid"]).cumsum()).to_numpy()
+    run_len = pd.Series(meets.astype(np.int64)).groupby([a["_gid"].to_numpy(), run_id]) \
+        .cumsum().to_numpy()
+    sustain = pd.to_numeric(a["sustain"]).fillna(1).to_numpy()
+    hit = meets & (run_len >= sustain)
+    met_at = a.loc[hit].groupby("_gid")["administered_at"].min()
+    g["met_at"] = g["_gid"].map(met_at)
+
+    # Due: a date, or the due_session-th administration (estimated date if in future).
+    n = g["n"].fillna(0).to_numpy(dtype=float)
+    weeks = g["weeks"].to_numpy(dtype=float)
+    per_session_days = np.where(n > 1, weeks * 7 / np.maximum(n - 1, 1), 7.0)
+    due_session = pd.to_numeric(g["due_session"], errors="coerce").to_numpy(dtype=float)
+    last_at = pd.to_datetime(g["last_at"])
+    est_due = last_at + pd.to_timedelta(np.nan_to_num((due_session - n) * per_session_days),
+                                        unit="D")
+    due_date = pd.to_datetime(g["due_date"])
+    g["due_at"] = due_date.where(due_date.notna(), est_due.where(~np.isnan(due_session)))
+    today_ts = pd.Timestamp(today)
+    past_due = (due_date.notna() & (due_date < today_ts.normalize())).to_numpy() | \
+        (~np.isnan(due_session) & (n >= due_session))
+
+    # Projection from the latest score along the slope (points per week).
+    sign = sv["sign"]
+    gap = sign * (g["last_score"].to_numpy(dtype=float) - g["boundary"].to_numpy(dtype=float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = -sign * g["slope_week"].to_numpy(dtype=float)  # improvement per week
+        fast = np.maximum(-sign * g["slope_ci_low"].to_numpy(dtype=float),
+                          -sign * g["slope_ci_high"].to_numpy(dtype=float))
+        slow = np.minimum(-sign * g["slope_ci_low"].to_numpy(dtype=float),
+                          -sign * g["slope_ci_high"].to_numpy(dtype=float))
+        w_point = np.where(rate > 0, gap / rate, np.nan)
+        w_early = np.where(fast > 0, gap / fast, np.nan)
+        w_late = np.where(slow > 0, gap / slow, np.nan)
+
+    def project(w: np.ndarray) -> pd.Series:
+        return last_at + pd.to_timedelta(np.where(np.isnan(w), 0, np.maximum(w, 0)) * 7,
+                                         unit="D").where(~np.isnan(w))
+
+    g["projected_at"] = project(w_point)
+    g["projected_earliest"] = project(w_early)
+    g["projected_latest"] = project(w_late)
+
+    met = g["met_at"].notna().to_numpy()
+    no_admin = np.isnan(n) | (n == 0)
+    few = n < 3
+    due_at = pd.to_datetime(g["due_at"])
+    reaches = (g["projected_at"].notna() & due_at.notna() &
+               (g["projected_at"] <= due_at)).to_numpy()
+    significant = slow > 0  # the whole CI is on the improving side
+    flagged = g["stalled"].fillna(False).astype(bool).to_numpy() | \
+        g["not_on_track"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    status = np.select(
+        [met, past_due, no_admin | few, reaches & significant & ~flagged],
+        ["met", "overdue", "no_data", "on_track"], default="at_risk")
+    reason = np.select(
+        [met, past_due, no_admin, few, flagged, ~(rate > 0), reaches & significant],
+        ["met", "past due and not met",
+         "no administrations of this measure yet",
+         "fewer than 3 administrations: no trend to project",
+         "the episode is stalled or not on track",
+         "not projected to attain: the trend is flat or worsening",
+         "projected to attain before the due date"],
+        default="projection misses the due date or the trend is not reliably improving")
+    g["status"] = status
+    g["status_reason"] = reason
+    return g.drop(columns=["_gid"])

@@ -1,0 +1,179 @@
+"""The store: schema versioning, idempotent re-ingest, and all-or-nothing batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from pipeline.config import Settings
+from pipeline.errors import StoreError
+from pipeline.scales import Registry
+from pipeline.store import SCHEMA_VERSION, Store
+from tests.conftest import (
+    ADM_HEADER,
+    SAMPLE_INPUT,
+    adm_row,
+    administrations,
+    ingest,
+    quarantine,
+    write_csv,
+)
+
+DATA_TABLES = ("administrations", "episodes", "clients", "therapists", "goals")
+
+
+def test_init_is_idempotent(store: Store) -> None:
+    assert store.init() == SCHEMA_VERSION
+    assert store.init() == SCHEMA_VERSION
+    with store.engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT COUNT(*) FROM schema_info")).scalar_one()
+    assert n == 1
+    assert set(store.counts()) >= {"administrations", "batches", "quarantine"}
+    assert all(v == 0 for v in store.counts().values())
+
+
+def test_wrong_schema_version_refused(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE schema_info SET version = 99"))
+    with pytest.raises(StoreError, match="99"):
+        store.init()
+
+
+def test_bad_url_is_a_store_error() -> None:
+    with pytest.raises(StoreError):
+        Store("not a url at all")
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+def _tables(store: Store) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in DATA_TABLES:
+        t = store.read_table(name)
+        key = [c for c in t.columns if c not in ("admin_id",)][:3]
+        out[name] = t.sort_values(key).reset_index(drop=True)
+    return out
+
+
+def test_reingest_sample_changes_nothing(store: Store, settings: Settings,
+                                         registry: Registry,
+                                         expected_quarantine: pd.DataFrame) -> None:
+    first = ingest([SAMPLE_INPUT], store, settings, registry)
+    before = _tables(store)
+    adm1 = {f.kind: f for f in first.files}["administrations"]
+    assert len(before["administrations"]) == adm1.accepted > 0
+    second = ingest([SAMPLE_INPUT], store, settings, registry)
+    d1, d2 = first.as_dict(), second.as_dict()
+    planted = expected_quarantine[expected_quarantine["reason"] != "duplicate"]
+    assert d2["records"] == d1["records"]
+    assert d2["accepted"] == 0
+    assert d2["quarantined"] == len(planted)
+    assert d2["duplicates"] == d2["records"] - len(planted)
+    assert d2["by_reason"] == d1["by_reason"]
+    for f in d2["files"]:
+        assert f["records"] == f["accepted"] + f["duplicates"] + f["quarantined"]
+    after = _tables(store)
+    for name in DATA_TABLES:
+        pd.testing.assert_frame_equal(before[name], after[name], obj=name)
+    # The second run's quarantine repeats the planted rows, line for line.
+    q = quarantine(store)
+    adm2 = {f.kind: f for f in second.files}["administrations"]
+    assert adm2.batch_id != adm1.batch_id
+    again = q[q["batch_id"] == adm2.batch_id]
+    assert dict(zip(again["line"].astype(int), again["reason"], strict=True)) == \
+        dict(zip(planted["line"], planted["reason"], strict=True))
+
+
+def test_changed_episode_end_is_an_update(indir: Path, entities: list[Path], store: Store,
+                                          settings: Settings, registry: Registry) -> None:
+    ingest(entities, store, settings, registry)
+    episodes = entities[2]
+    episodes.write_text(episodes.read_text(encoding="utf-8").replace(
+        "E1,C1,T1,North,2025-01-01,,", "E1,C1,T1,North,2025-01-01,2025-04-01,completed"),
+        encoding="utf-8")
+    rep = ingest([episodes], store, settings, registry)
+    f = rep.files[0]
+    assert (f.accepted, f.duplicates, f.quarantined) == (1, 1, 0)
+    assert dict(f.warnings) == {"updated": 1}
+    ep = store.read_table("episodes").set_index("episode_id")
+    assert str(ep.loc["E1", "end_date"]) == "2025-04-01"
+    assert ep.loc["E1", "end_reason"] == "completed"
+
+
+def test_changed_episode_client_is_a_conflict(indir: Path, entities: list[Path],
+                                              store: Store, settings: Settings,
+                                              registry: Registry) -> None:
+    ingest(entities, store, settings, registry)
+    episodes = entities[2]
+    episodes.write_text(episodes.read_text(encoding="utf-8").replace(
+        "E1,C1,T1", "E1,C2,T1"), encoding="utf-8")
+    rep = ingest([episodes], store, settings, registry)
+    assert dict(rep.files[0].by_reason) == {"conflict": 1}
+    assert store.read_table("episodes").set_index("episode_id").loc["E1", "client_id"] == "C1"
+
+
+# ------------------------------------------------------------------ interrupted batch
+
+
+def _interrupt(monkeypatch: pytest.MonkeyPatch, method: str) -> dict[str, Any]:
+    """Make ``Store.<method>`` do its work, then fail as if the process died there."""
+    seen: dict[str, Any] = {}
+    original = getattr(Store, method)
+
+    def boom(self: Store, conn: sa.Connection, *args: Any, **kwargs: Any) -> None:
+        original(self, conn, *args, **kwargs)
+        # Inside the batch's transaction the rows are there ...
+        seen["administrations"] = conn.execute(
+            sa.text("SELECT COUNT(*) FROM administrations")).scalar_one()
+        seen["quarantine"] = conn.execute(sa.text("SELECT COUNT(*) FROM quarantine")).scalar_one()
+        seen["batches"] = conn.execute(sa.text("SELECT COUNT(*) FROM batches")).scalar_one()
+        raise RuntimeError("simulated crash mid-batch")
+
+    monkeypatch.setattr(Store, method, boom)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["insert_administrations", "finish_batch"])
+def test_interrupted_batch_is_all_or_nothing(indir: Path, entities: list[Path], store: Store,
+                                             settings: Settings, registry: Registry,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             method: str) -> None:
+    ingest(entities, store, settings, registry)
+    before = store.counts()
+    rows = [adm_row(when=f"2025-02-{d:02d}") for d in range(1, 6)] + \
+        [adm_row(when="2025-03-01", measure="PHQ9")]
+    path = write_csv(indir / "administrations.csv", ADM_HEADER, rows)
+    seen = _interrupt(monkeypatch, method)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest([path], store, settings, registry)
+    # ... and they were really written before the failure:
+    assert seen == {"administrations": 5, "quarantine": 1, "batches": before["batches"] + 1}
+    # ... but none of them survive it.
+    after = store.counts()
+    assert after == before
+    assert after["administrations"] == 0 and after["quarantine"] == 0
+    assert len(store.read_table("batches")) == 3  # the three entity files only
+    monkeypatch.undo()
+    # The same file goes in cleanly afterwards.
+    rep = ingest([path], store, settings, registry)
+    assert (rep.files[0].accepted, rep.files[0].quarantined) == (5, 1)
+    assert len(administrations(store)) == 5
+
+
+def test_failed_file_does_not_undo_earlier_files(indir: Path, entities: list[Path],
+                                                 store: Store, settings: Settings,
+                                                 registry: Registry,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_csv(indir / "administrations.csv", ADM_HEADER, [adm_row()])
+    _interrupt(monkeypatch, "insert_administrations")
+    with pytest.raises(RuntimeError):
+        ingest([*entities, path], store, settings, registry)
+    counts = store.counts()
+    assert (counts["therapists"], counts["clients"], counts["episodes"]) == (2, 2, 2)
+    assert counts["administrations"] == 0
+    assert counts["batches"] == 3

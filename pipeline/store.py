@@ -308,6 +308,11 @@ class Store:
         q = sa.select(episodes.c.episode_id, episodes.c.client_id)
         return {r[0]: r[1] for r in conn.execute(q)}
 
+    def episode_starts(self, conn: Connection) -> dict[str, Any]:
+        """Episode id -> start date."""
+        q = sa.select(episodes.c.episode_id, episodes.c.start_date)
+        return {r[0]: r[1] for r in conn.execute(q)}
+
     def entities(self, conn: Connection, kind: str, ids: Sequence[str]) -> pd.DataFrame:
         """Stored rows of an entity kind for the given ids."""
         table = ENTITY_TABLES[kind]

@@ -38,6 +38,8 @@ GOAL_KINDS = ("below", "reduction_pct", "reliable_improvement", "remission", "re
 
 # At most 9 significant digits: a longer number cannot be a valid score, session or item,
 # and would overflow int64 on parsing (crash) instead of being quarantined as bad_value.
+#: Administrations dated before this are taken for typing errors (e.g. 0001-01-01).
+EARLIEST = "1990-01-01"
 _INT_RE = r"^\s*[+-]?0*\d{1,9}(\.0*)?\s*$"
 _OFFSET_RE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$")
 _DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
@@ -95,9 +97,10 @@ class _Marker:
             return []
         raw = frame.loc[bad, columns].to_dict(orient="records")
         lines = frame.loc[bad, "_line"].to_numpy()
+        label = frame.attrs.get("location_label", "line")
         return [
             QuarantineRecord(int(line), Reason(r), str(d), QuarantineRecord.raw_json(rec),
-                             f"line {int(line)}")
+                             f"{label} {int(line)}")
             for line, r, d, rec in zip(lines, self.reason[bad], self.detail[bad], raw,
                                        strict=True)
         ]
@@ -174,6 +177,8 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
     when = parse_timestamps(when_raw, ctx.timezone)
     m.mark(when.isna(), Reason.BAD_DATE,
            _say("administered_at", when_raw, "an ISO 8601 date or date-time"))
+    m.mark(when < pd.Timestamp(EARLIEST), Reason.BAD_DATE,
+           "column 'administered_at': " + when_raw + f" is before {EARLIEST}: implausible")
     limit = pd.Timestamp(ctx.now) + pd.Timedelta(hours=ctx.future_tolerance_hours)
     m.mark(when > limit, Reason.FUTURE_DATE,
            "column 'administered_at': " + when_raw + f" is in the future (now {ctx.now:%Y-%m-%dT%H:%M}Z)")

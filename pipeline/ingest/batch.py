@@ -204,7 +204,7 @@ class _Ingestor:
             future_tolerance_hours=self.settings.future_tolerance_hours,
             max_field_chars=self.settings.max_field_chars,
             therapists=self.store.therapist_ids(conn), clients=self.store.client_ids(conn),
-            episode_client=ep,
+            episode_client=ep, episode_start=self.store.episode_starts(conn),
         )
 
     def run(self, paths: Sequence[Path]) -> IngestReport:
@@ -305,7 +305,9 @@ class _Ingestor:
                 QuarantineRecord(int(r["_line"]), Reason.CONFLICT,
                                  "same (episode_id, measure, administered_at) as an accepted "
                                  "record, different answers; the accepted one is kept",
-                                 QuarantineRecord.raw_json(_plain(r)), f"line {int(r['_line'])}")
+                                 QuarantineRecord.raw_json(_plain(r)),
+                                 f"{chunk.frame.attrs.get('location_label', 'line')} "
+                                 f"{int(r['_line'])}")
                 for r in bad.to_dict(orient="records")])
         accepted = frame.loc[new].copy()
         accepted["batch_id"] = rep.batch_id
@@ -316,6 +318,9 @@ class _Ingestor:
         rep.warnings[Warn.PRORATED.value] += int(accepted["prorated"].sum())
         rep.warnings[Warn.RISK_ITEM_MISSING.value] += int(
             ((accepted["risk"] == "unknown") & accepted["has_items"]).sum())
+        start = pd.to_datetime(accepted["episode_id"].map(ctx.episode_start))
+        rep.warnings[Warn.BEFORE_EPISODE_START.value] += int(
+            (accepted["administered_at"].dt.normalize() < start).fillna(False).sum())
         rep.warnings = +rep.warnings  # drop zero counts
 
     # -------------------------------------------------------------- entities
@@ -378,6 +383,8 @@ class _Ingestor:
         else:
             ctx.episode_client.update(dict(zip(frame.loc[new, key],
                                                frame.loc[new, "client_id"], strict=True)))
+            ctx.episode_start.update(dict(zip(frame.loc[new, key],
+                                              frame.loc[new, "start_date"], strict=True)))
             rep.episodes_touched.update(frame.loc[new | update, key])
 
     def _plans(self, conn: Connection, rep: FileReport, frame: pd.DataFrame) -> None:

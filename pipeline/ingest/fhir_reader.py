@@ -227,7 +227,9 @@ def read_fhir(path: Path, registry: Registry, max_bytes: int) -> Iterator[RawChu
     kind = KINDS["administrations"]
     rows: list[dict[str, str]] = []
     failed: list[QuarantineRecord] = []
+    label = "line"
     for pos, location, res in _resources(path, max_bytes):
+        label = location.split(" ")[0] if " " in location else location
         raw = QuarantineRecord.raw_json(res if not isinstance(res, _Skip) else None)[:_RAW_LIMIT]
         if isinstance(res, _Skip):
             failed.append(QuarantineRecord(pos, res.reason, res.detail, raw, location))
@@ -249,4 +251,5 @@ def read_fhir(path: Path, registry: Registry, max_bytes: int) -> Iterator[RawChu
     frame = pd.DataFrame(rows, columns=[*columns, *extra, "_line"], dtype="str").fillna("")
     frame["_line"] = pd.to_numeric(frame["_line"]).astype("int64") if len(frame) else \
         pd.Series([], dtype="int64")
+    frame.attrs["location_label"] = label
     yield RawChunk(kind=kind, frame=frame, failed=failed, extra_columns=tuple(extra))

@@ -156,6 +156,73 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+    from datetime import date
+
+    from pipeline.reviews import record_review
+
+    store = _store(settings)
+    new_goals = None
+    if args.goals:
+        import pandas as pd
+
+        raw = pd.read_csv(args.goals, dtype="str", keep_default_na=False)
+        due = raw.get("due", pd.Series("", index=raw.index))
+        new_goals = raw.assign(
+            due_date=due.where(~due.str.startswith("session:"), None).replace("", None),
+            due_session=pd.to_numeric(due.str.removeprefix("session:")
+                                      .where(due.str.startswith("session:")), errors="coerce"),
+            target=pd.to_numeric(raw["target"]))
+    res = record_review(store, args.episode, reviewer=args.reviewer or getpass.getuser(),
+                        decision=args.decision, note=args.note,
+                        next_review=date.fromisoformat(args.next_review)
+                        if args.next_review else None,
+                        risk_assessed=args.risk_assessed, new_goals=new_goals)
+    out = {"review_id": res.review_id, "episode_id": args.episode,
+           "flags_acknowledged": res.flags_acknowledged, "plan_version": res.plan_version}
+    print(json.dumps(out) if args.json else
+          f"review {res.review_id} recorded for episode {args.episode}: "
+          f"{res.flags_acknowledged} open flags acknowledged"
+          + (f"; plan version {res.plan_version}" if res.plan_version else ""))
+    return 0
+
+
+def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from pipeline.store import episodes, flags
+
+    store = _store(settings)
+    q = sa.select(flags, episodes.c.therapist_id).join(
+        episodes, episodes.c.episode_id == flags.c.episode_id)
+    if not args.all:
+        q = q.where(flags.c.state == "open")
+    if args.episode:
+        q = q.where(flags.c.episode_id == args.episode)
+    if args.therapist:
+        q = q.where(episodes.c.therapist_id == args.therapist)
+    order = sa.case({"urgent": 0, "review": 1, "info": 2}, value=flags.c.severity)
+    q = q.order_by(order, flags.c.episode_id, flags.c.kind, flags.c.key)
+    with store.engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+    items = [{
+        "flag_id": r["flag_id"], "kind": r["kind"], "severity": r["severity"],
+        "episode_id": r["episode_id"], "therapist_id": r["therapist_id"],
+        "measure": r["measure"] or None, "state": r["state"], "rule": r["rule"],
+        "message": r["message"], "evidence": json.loads(r["evidence"]),
+        "first_raised": r["first_raised"].isoformat(), "last_seen": r["last_seen"].isoformat(),
+    } for r in rows]
+    if args.json:
+        print(json.dumps(items, indent=2))
+    else:
+        for it in items:
+            print(f"{it['severity']:7} {it['kind']:22} {it['episode_id']:10} "
+                  f"{it['measure'] or '':8} {it['message']}")
+        print(f"{len(items)} flags")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -202,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="date_from", help="episodes ended on/after (YYYY-MM-DD)")
     s.add_argument("--to", dest="date_to", help="episodes ended on/before (YYYY-MM-DD)")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("review", help="record a plan review (acknowledges open flags)")
+    s.add_argument("episode")
+    s.add_argument("--decision", required=True,
+                   choices=["continue", "revise", "step_up", "step_down", "refer", "discharge"])
+    s.add_argument("--note")
+    s.add_argument("--next-review", help="YYYY-MM-DD")
+    s.add_argument("--reviewer", help="default: the login name")
+    s.add_argument("--risk-assessed", action="store_true",
+                   help="risk was assessed: also acknowledge open risk-item flags")
+    s.add_argument("--goals", help="with --decision revise: CSV of the new goals "
+                   "(goal_id, measure, kind, target, due[, sustain, description])")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_review)
+
+    s = sub.add_parser("flags", help="list flags (open by default)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--episode")
+    s.add_argument("--therapist")
+    s.add_argument("--all", action="store_true", help="include acknowledged and resolved")
+    s.set_defaults(func=cmd_flags)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from pipeline import flags as flag_rules
 from pipeline.config import Settings
+from pipeline.goals import goal_status
 from pipeline.scales import Registry
 from pipeline.stats.curves import baseline_band, build_curves
 from pipeline.stats.outcomes import Reference, episode_outcomes
@@ -28,8 +31,10 @@ from pipeline.store import (
     compute_runs,
     episodes,
     expected_curves,
+    goals,
     outcomes,
     reference_norms,
+    reviews,
     sudden_changes,
     utcnow,
 )
@@ -49,12 +54,13 @@ class ComputeReport:
     outcome_rows: int
     sudden_rows: int
     reference_rebuilt: bool
+    flags: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "mode": self.mode, "episodes": self.episodes,
                 "outcome_rows": self.outcome_rows, "sudden_rows": self.sudden_rows,
-                "reference_rebuilt": self.reference_rebuilt,
+                "reference_rebuilt": self.reference_rebuilt, "flags": self.flags,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -147,9 +153,48 @@ def _to_rows(frame: pd.DataFrame, table: sa.Table, run_id: int) -> list[dict[str
     return [{str(k): v for k, v in r.items()} for r in recs]
 
 
+def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None
+           ) -> pd.DataFrame:
+    cols = [table.c[c] for c in columns] if columns else list(table.c)
+    names = [c.name for c in cols]
+    return pd.DataFrame(conn.execute(sa.select(*cols)).all(), columns=names)
+
+
+def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
+               today: datetime) -> flag_rules.RuleInput:
+    """Read what the flag rules need from the store (outcomes must be current)."""
+    out = _table(conn, outcomes)
+    for c in ("first_at", "last_at"):
+        out[c] = pd.to_datetime(out[c])
+    adm = _table(conn, administrations, ["episode_id", "measure", "administered_at",
+                                         "session_number", "score", "risk", "risk_value"])
+    adm["administered_at"] = pd.to_datetime(adm["administered_at"])
+    eps = _table(conn, episodes, ["episode_id", "therapist_id", "start_date", "end_date"])
+    sud = _table(conn, sudden_changes)
+    gl = _table(conn, goals)
+    if not gl.empty:
+        latest = gl.groupby("episode_id")["plan_version"].transform("max")
+        gl = gl[gl["plan_version"] == latest]
+        gl = goal_status(gl, adm, out, registry, settings, today)
+        gl = gl.merge(out[["episode_id", "measure", "last_at"]].rename(
+            columns={"last_at": "_last"}), on=["episode_id", "measure"], how="left")
+        if "last_at" not in gl.columns:
+            gl["last_at"] = gl["_last"]
+        gl = gl.drop(columns="_last")
+    rev = _table(conn, reviews)
+    return flag_rules.RuleInput(outcomes=out, administrations=adm, episodes=eps, sudden=sud,
+                                goals=gl, reviews=rev, registry=registry, settings=settings,
+                                today=today)
+
+
 def compute(store: Store, settings: Settings, registry: Registry, *, full: bool = False,
-            keep_reference: bool = False) -> ComputeReport:
-    """Recompute outcomes (incrementally unless ``full``) and store them atomically."""
+            keep_reference: bool = False, now: datetime | None = None) -> ComputeReport:
+    """Recompute outcomes (incrementally unless ``full``) and flags, atomically.
+
+    ``now`` (naive UTC) is the clock of the date-based flag rules; default the current
+    time.
+    """
+    now = now or utcnow()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with store.transaction() as conn:
@@ -157,7 +202,11 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             batches.c.batch_id), 0))).scalar_one())
         last = conn.execute(sa.select(sa.func.max(compute_runs.c.watermark)).where(
             compute_runs.c.status == "done")).scalar_one()
-        mode = "full" if full or last is None else "incremental"
+        has_reference = conn.execute(sa.select(sa.func.count()).select_from(
+            reference_norms)).scalar_one() > 0
+        # Without a stored reference (first run, or an empty store before) the run is full
+        # and builds one, whatever was asked: a reference from a partition would be wrong.
+        mode = "full" if full or last is None or not has_reference else "incremental"
         if mode == "incremental":
             touched = {r[0] for r in conn.execute(sa.select(administrations.c.episode_id)
                                                   .where(administrations.c.batch_id > last)
@@ -173,7 +222,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         admins = _read_admins(conn, ids)
         timings["read"] = time.perf_counter() - t0
 
-        rebuild = mode == "full" and not keep_reference
+        rebuild = mode == "full" and (not keep_reference or not has_reference)
         t1 = time.perf_counter()
         if rebuild:
             ended = pd.Series([r[0] for r in conn.execute(
@@ -209,11 +258,16 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             if not reference.curves.empty:
                 conn.execute(expected_curves.insert(),
                              _to_rows(reference.curves, expected_curves, run_id))
+        timings["write"] = time.perf_counter() - t3
+
+        t4 = time.perf_counter()
+        inp = rule_input(conn, registry, settings, now)
+        flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now)
+        timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
             finished_at=utcnow(), status="done", episodes=n_episodes))
-        timings["write"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     return ComputeReport(run_id=run_id, mode=mode, episodes=n_episodes,
                          outcome_rows=len(out), sudden_rows=len(sudden),
-                         reference_rebuilt=rebuild, timings=timings)
+                         reference_rebuilt=rebuild, flags=flag_counts, timings=timings)

@@ -56,6 +56,10 @@ class Settings:
     stalled_min_weeks: float = 4.0
     #: ... and a slope above this (points per week; mirrored for higher-is-better).
     stalled_slope_per_week: float = -0.25
+    #: Flags: a plan review is overdue after this many weeks without one.
+    review_overdue_weeks: int = 6
+    #: Flags: an open episode with no score for this many weeks.
+    missing_measures_weeks: int = 4
     #: Response: at least this % reduction from baseline (NQF 1885).
     response_pct: float = 50.0
     #: Largest input file accepted, in bytes (hostile-input guard).

@@ -39,6 +39,8 @@ from pipeline.scales import Registry
 __all__ = ["GOAL_STATUSES", "goal_status"]
 
 GOAL_STATUSES = ("met", "on_track", "at_risk", "overdue", "no_data")
+#: Projections further out than this are reported as "not projected".
+MAX_PROJECTION_WEEKS = 104
 
 
 def _scale_values(measure: pd.Series, registry: Registry, settings: Settings
@@ -162,6 +164,8 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
         w_late = np.where(slow > 0, gap / slow, np.nan)
 
     def project(w: np.ndarray) -> pd.Series:
+        # Beyond two years a straight-line projection means nothing clinically.
+        w = np.where(w > MAX_PROJECTION_WEEKS, np.nan, w)
         return last_at + pd.to_timedelta(np.where(np.isnan(w), 0, np.maximum(w, 0)) * 7,
                                          unit="D").where(~np.isnan(w))
 

@@ -221,6 +221,41 @@ compute_runs = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),
 )
 
+flags = sa.Table(
+    "flags", metadata,
+    sa.Column("flag_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(200), nullable=False, index=True),
+    sa.Column("measure", sa.String(20), nullable=False),  # "" when not about one measure
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("key", sa.String(100), nullable=False),  # e.g. the administration or goal
+    sa.Column("severity", sa.String(10), nullable=False),
+    sa.Column("rule", sa.Text, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON
+    sa.Column("evidence_at", sa.DateTime),
+    sa.Column("first_raised", sa.DateTime, nullable=False),
+    sa.Column("last_seen", sa.DateTime, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),  # open | acknowledged | resolved
+    sa.Column("acknowledged_at", sa.DateTime),
+    sa.Column("review_id", sa.Integer),
+    sa.Column("resolved_at", sa.DateTime),
+    sa.UniqueConstraint("episode_id", "measure", "kind", "key", name="uq_flag"),
+)
+
+reviews = sa.Table(
+    "reviews", metadata,
+    sa.Column("review_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(200), nullable=False, index=True),
+    sa.Column("reviewed_at", sa.DateTime, nullable=False),
+    sa.Column("reviewer", sa.String(200), nullable=False),
+    sa.Column("decision", sa.String(20), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("next_review", sa.Date),
+    sa.Column("risk_assessed", sa.Boolean, nullable=False),
+    sa.Column("plan_version", sa.Integer),
+    sa.Column("flags_acknowledged", sa.Integer, nullable=False),
+)
+
 ENTITY_TABLES = {"therapists": therapists, "clients": clients, "episodes": episodes}
 ENTITY_KEYS = {"therapists": "therapist_id", "clients": "client_id", "episodes": "episode_id"}
 #: Fields that may change on a later export of the same entity (anything else conflicts).

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 from numpy.testing import assert_allclose
@@ -185,7 +184,7 @@ def test_gad7_two_administrations(computed: pd.DataFrame) -> None:
     assert bool(row["caseness_first"]) and not bool(row["caseness_last"])
     assert bool(row["response"]) and not bool(row["remission"])
     assert row["trend_status"] == "insufficient data"
-    assert np.isnan(row["slope_week"]) if row["slope_week"] is not None else True
+    assert pd.isna(row["slope_week"]) and pd.isna(row["theil_sen_week"])
     assert not bool(row["stalled"])
 
 
@@ -199,7 +198,7 @@ def test_ors_direction(computed: pd.DataFrame) -> None:
     assert bool(row["caseness_first"]) and not bool(row["caseness_last"])
     assert bool(row["response"])
     assert row["remission"] is None
-    assert row["rci"] is None or np.isnan(row["rci"])
+    assert pd.isna(row["rci"]) and pd.isna(row["sd_used"])
     assert_allclose(row["rc_points"], 5.0)
     assert_allclose(row["clinical_cutoff"], 25.5)
     # slope: Σy 90, Σdy 0 + 140 + 350 + 840 = 1330; (4*1330 - 49*90)/1715 = 910/1715
@@ -352,7 +351,7 @@ def test_caseness_response_remission_edges(extra_store: Store, ep: str, measure:
     assert bool(row["caseness_last"]) is case_last
     if response is None:
         assert row["response"] is None
-        assert row["pct_change"] is None or np.isnan(row["pct_change"])
+        assert pd.isna(row["pct_change"])
     else:
         assert bool(row["response"]) is response
     if remission is None:

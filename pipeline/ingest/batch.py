@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Connection
 
+from pipeline import flags
 from pipeline.config import Settings
 from pipeline.errors import IngestError, UnreadableFileError
 from pipeline.ingest.csv_reader import open_csv
@@ -55,6 +56,7 @@ class FileReport:
     error: str | None = None
     batch_id: int | None = None
     episodes_touched: set[str] = field(default_factory=set)
+    risk_flags: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +66,7 @@ class FileReport:
             "by_reason": dict(sorted(self.by_reason.items())),
             "warnings": dict(sorted(self.warnings.items())),
             "extra_columns": list(self.extra_columns), "error": self.error,
+            "risk_flags_raised": self.risk_flags,
         }
 
 
@@ -92,6 +95,7 @@ class IngestReport:
             "duplicates": self.total("duplicates"), "quarantined": self.total("quarantined"),
             "by_reason": dict(sorted(self.counter("by_reason").items())),
             "warnings": dict(sorted(self.counter("warnings").items())),
+            "risk_flags_raised": self.total("risk_flags"),
             "files": [f.as_dict() for f in self.files],
         }
 
@@ -313,6 +317,12 @@ class _Ingestor:
         accepted["batch_id"] = rep.batch_id
         self.store.insert_administrations(conn, accepted)
         rep.accepted += len(accepted)
+        # Clinical safety: a risk item raises its flag in this batch's own transaction,
+        # not at the next compute (SPEC §8).
+        risky = flags.risk_flags(accepted, self.registry)
+        if not risky.empty:
+            flags.refresh(conn, risky, self.now, kinds=["risk_item"], resolve_missing=False)
+            rep.risk_flags += len(risky)
         rep.episodes_touched.update(accepted["episode_id"].unique().tolist())
         rep.warnings[Warn.TOTAL_ITEMS_MISMATCH.value] += int(accepted["total_mismatch"].sum())
         rep.warnings[Warn.PRORATED.value] += int(accepted["prorated"].sum())

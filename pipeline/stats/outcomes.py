@@ -156,7 +156,12 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["fixed_change"] = fixed
     out["caseness_first"] = case_first
     out["caseness_last"] = case_last
-    out["response"] = 100.0 * better_change >= settings.response_pct * first
+    # Response (>= 50% reduction from baseline, NQF 1885) is undefined for a baseline of 0,
+    # as pct_change is: missing, not "responded" (0 -> 0 would pass 0 >= 0).
+    out["response"] = pd.array(np.where(first != 0, 100.0 * better_change >=
+                                        settings.response_pct * first, False),
+                               dtype="boolean")
+    out.loc[first == 0, "response"] = pd.NA
     out["remission"] = remission
 
     # Trend: closed-form grouped sums.
@@ -179,7 +184,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     eligible = (out["n"] >= settings.stalled_min_administrations) & \
         (out["weeks"] >= settings.stalled_min_weeks)
     out["stalled"] = eligible & ~improved.fillna(False) & (ci_zero | slow)
-    out["stalled_slow_slope"] = slow
+    out["stalled_slow_slope"] = slow & (out["n"] >= 3)
     out["stalled_ci_includes_zero"] = ci_zero.fillna(False)
 
     # Expected recovery curves and not on track at the latest administration.

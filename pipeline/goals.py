@@ -134,7 +134,8 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     sustain = pd.to_numeric(a["sustain"]).fillna(1).to_numpy()
     hit = meets & (run_len >= sustain)
     met_at = a.loc[hit].groupby("_gid")["administered_at"].min()
-    g["met_at"] = g["_gid"].map(met_at)
+    g["met_at"] = pd.Series(pd.to_datetime(met_at.reindex(g["_gid"].to_numpy())).to_numpy(),
+                            index=g.index, dtype="datetime64[us]")
 
     # Due: a date, or the due_session-th administration (estimated date if in future).
     n = g["n"].fillna(0).to_numpy(dtype=float)

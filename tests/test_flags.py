@@ -1,0 +1,335 @@
+"""Flags, goals and plan reviews (SPEC §7-8): each rule fires on a constructed episode
+and stays silent on its near miss; the review/reopen life cycle; risk flags at ingest."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.compute import compute
+from pipeline.config import Settings
+from pipeline.goals import goal_status
+from pipeline.ingest.batch import ingest_paths
+from pipeline.reviews import record_review
+from pipeline.scales import Registry, load_registry
+from pipeline.store import Store
+from tests.stats_helpers import (
+    ADMIN_HEADER,
+    DAY0,
+    NOW,
+    entity_files,
+    episode,
+    series,
+    write_csv,
+)
+
+ITEM_HEADER = ["episode_id", "measure", "administered_at", "session_number",
+               *[f"item_{i}" for i in range(1, 10)]]
+
+
+@pytest.fixture
+def reg() -> Registry:
+    return load_registry()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"sqlite:///{tmp_path}/f.db")
+    s.init()
+    return s
+
+
+def flags_of(store: Store) -> pd.DataFrame:
+    return store.read_table("flags")
+
+
+def run(tmp_path: Path, store: Store, reg: Registry, episodes: list[dict],
+        admins: list[dict], settings: Settings | None = None, name: str = "a",
+        now: datetime = NOW) -> pd.DataFrame:
+    settings = settings or Settings()
+    paths = entity_files(tmp_path / name, episodes)
+    paths.append(write_csv(tmp_path / name / "adm.csv", ADMIN_HEADER, admins))
+    rep = ingest_paths(paths, store, settings, reg, now=now).as_dict()
+    assert rep["quarantined"] == 0, rep
+    compute(store, settings, reg, now=now)
+    return flags_of(store)
+
+
+def kinds_for(flags: pd.DataFrame, episode_id: str) -> set[str]:
+    f = flags[(flags["episode_id"] == episode_id) & (flags["state"] == "open")]
+    return set(f["kind"])
+
+
+# ------------------------------------------------------------------ rules
+
+
+def test_reliable_deterioration_fires_at_plus_six_not_plus_five(tmp_path: Path, store: Store,
+                                                               reg: Registry) -> None:
+    eps = [episode("UP6", ended=False), episode("UP5", ended=False)]
+    adm = series("UP6", "PHQ-9", [0, 7], [10, 16]) + series("UP5", "PHQ-9", [0, 7], [10, 15])
+    f = run(tmp_path, store, reg, eps, adm)
+    assert "reliable_deterioration" in kinds_for(f, "UP6")
+    assert "reliable_deterioration" not in kinds_for(f, "UP5")
+    row = f[(f["episode_id"] == "UP6") & (f["kind"] == "reliable_deterioration")].iloc[0]
+    ev = json.loads(row["evidence"])
+    assert (ev["first_score"], ev["last_score"], ev["change"], ev["rc_points"]) == \
+        (10, 16, 6.0, 6.0)
+    assert row["severity"] == "urgent"
+    assert "10" in row["message"] and "16" in row["message"]
+
+
+def test_stalled_fires_on_a_plateau_not_on_steady_improvement(tmp_path: Path, store: Store,
+                                                             reg: Registry) -> None:
+    eps = [episode("FLAT", ended=False), episode("DOWN", ended=False)]
+    days = [0, 7, 14, 21, 28, 35]
+    # FLAT: slope ~0, no reliable improvement. DOWN: -0.5/week with a tight CI, change -3
+    # (not reliable): the slope is below -0.25 and its CI excludes 0 -> not stalled.
+    adm = series("FLAT", "PHQ-9", days, [15, 16, 15, 15, 16, 15]) + \
+        series("DOWN", "PHQ-9", days, [16, 15, 15, 14, 14, 13])
+    f = run(tmp_path, store, reg, eps, adm)
+    assert "stalled" in kinds_for(f, "FLAT")
+    assert "stalled" not in kinds_for(f, "DOWN")
+    msg = f[(f["episode_id"] == "FLAT") & (f["kind"] == "stalled")].iloc[0]["message"]
+    assert "not reliably improved after 6 administrations over 5 weeks" in msg
+    assert "95% CI" in msg
+
+
+def test_sudden_loss_fires_on_a_jump_not_on_a_drift(tmp_path: Path, store: Store,
+                                                    reg: Registry) -> None:
+    eps = [episode("JUMP", ended=False), episode("DRIFT", ended=False)]
+    days = [0, 7, 14, 21, 28, 35]
+    adm = series("JUMP", "PHQ-9", days, [8, 9, 8, 16, 17, 16]) + \
+        series("DRIFT", "PHQ-9", days, [8, 9, 10, 11, 12, 13])
+    f = run(tmp_path, store, reg, eps, adm)
+    assert "sudden_loss" in kinds_for(f, "JUMP")
+    assert "sudden_loss" not in kinds_for(f, "DRIFT")
+    row = f[(f["episode_id"] == "JUMP") & (f["kind"] == "sudden_loss")].iloc[0]
+    assert row["key"] == "3"  # between sessions 3 and 4
+
+
+def test_not_on_track_against_the_expected_curve(tmp_path: Path, store: Store,
+                                                 reg: Registry) -> None:
+    finished = [episode(f"F{i}") for i in range(3)]
+    adm = series("F0", "PHQ-9", [0, 7, 14], [20, 15, 10]) + \
+        series("F1", "PHQ-9", [0, 7, 14], [20, 14, 9]) + \
+        series("F2", "PHQ-9", [0, 7, 14], [20, 16, 11])
+    # k = 3 curve over (10, 9, 11): median 10, 75th percentile 10.5.
+    eps = [*finished, episode("HIGH", ended=False), episode("NEAR", ended=False)]
+    adm += series("HIGH", "PHQ-9", [0, 7, 14], [20, 19, 19])
+    adm += series("NEAR", "PHQ-9", [0, 7, 14], [20, 15, 10])
+    f = run(tmp_path, store, reg, eps, adm, settings=Settings(curve_min_stratum=3))
+    assert "not_on_track" in kinds_for(f, "HIGH")
+    assert "not_on_track" not in kinds_for(f, "NEAR")
+    ev = json.loads(f[(f["episode_id"] == "HIGH") & (f["kind"] == "not_on_track")]
+                    .iloc[0]["evidence"])
+    assert ev["expected_median"] == pytest.approx(10.0)
+    assert ev["expected_upper"] == pytest.approx(10.5)
+
+
+def test_review_overdue_and_missing_measures_need_an_open_episode(
+        tmp_path: Path, store: Store, reg: Registry) -> None:
+    recent = (NOW - timedelta(days=10)).date()
+    eps = [episode("OLD", ended=False), episode("DONE", ended=True),
+           dict(episode("NEW", ended=False), start_date=str(recent))]
+    adm = series("OLD", "PHQ-9", [0, 7], [15, 14]) + series("DONE", "PHQ-9", [0, 7], [15, 14])
+    adm += [{"episode_id": "NEW", "measure": "PHQ-9",
+             "administered_at": f"{recent}T10:00:00", "session_number": 1, "total": 15}]
+    f = run(tmp_path, store, reg, eps, adm)
+    assert {"review_overdue", "missing_measures"} <= kinds_for(f, "OLD")
+    assert not {"review_overdue", "missing_measures"} & kinds_for(f, "DONE")
+    assert not {"review_overdue", "missing_measures"} & kinds_for(f, "NEW")
+    sev = f[(f["episode_id"] == "OLD") & (f["kind"] == "missing_measures")]["severity"]
+    assert sev.tolist() == ["info"]
+
+
+# ------------------------------------------------------------------ risk
+
+
+def _items_row(episode_id: str, day: int, item9: int | None, session: int) -> dict:
+    row = {"episode_id": episode_id, "measure": "PHQ-9", "session_number": session,
+           "administered_at": f"{(DAY0 + timedelta(days=day)).isoformat()}T10:00:00"}
+    for i in range(1, 9):
+        row[f"item_{i}"] = 2
+    row["item_9"] = item9
+    return row
+
+
+def test_risk_item_flagged_at_ingest_and_never_cleared_by_a_missing_item(
+        tmp_path: Path, store: Store, reg: Registry) -> None:
+    settings = Settings()
+    paths = entity_files(tmp_path / "a", [episode("R", ended=False)])
+    paths.append(write_csv(tmp_path / "a" / "adm.csv", ITEM_HEADER,
+                           [_items_row("R", 0, 0, 1), _items_row("R", 7, 2, 2)]))
+    rep = ingest_paths(paths, store, settings, reg, now=NOW).as_dict()
+    assert rep["risk_flags_raised"] == 1
+    f = flags_of(store)  # no compute has run
+    assert f["kind"].tolist() == ["risk_item"]
+    assert f["state"].tolist() == ["open"] and f["severity"].tolist() == ["urgent"]
+    assert "item 9 answered 2" in f["message"].iloc[0]
+
+    # A later administration with item 9 missing: prorated total, risk unknown; the flag
+    # stays open through ingest, compute and an ordinary review.
+    later = write_csv(tmp_path / "a" / "later.csv", ITEM_HEADER, [_items_row("R", 14, None, 3)])
+    ingest_paths([later], store, settings, reg, now=NOW)
+    adm = store.read_table("administrations").sort_values("administered_at")
+    assert adm["risk"].tolist() == ["no", "yes", "unknown"]
+    compute(store, settings, reg, now=NOW)
+    record_review(store, "R", reviewer="ann", decision="continue", now=NOW)
+    compute(store, settings, reg, now=NOW + timedelta(hours=1))
+    risk = flags_of(store).query("kind == 'risk_item'")
+    assert risk["state"].tolist() == ["open"]
+    # Only a review that records a risk assessment acknowledges it.
+    record_review(store, "R", reviewer="ann", decision="continue", risk_assessed=True,
+                  now=NOW + timedelta(hours=2))
+    assert flags_of(store).query("kind == 'risk_item'")["state"].tolist() == ["acknowledged"]
+
+
+# ------------------------------------------------------------------ life cycle
+
+
+def test_review_acknowledges_and_new_worsening_reopens(tmp_path: Path, store: Store,
+                                                      reg: Registry) -> None:
+    settings = Settings()
+    f = run(tmp_path, store, reg, [episode("D", ended=False)],
+            series("D", "PHQ-9", [0, 7], [10, 17]))
+    assert "reliable_deterioration" in kinds_for(f, "D")
+    # The review happens after the 2nd administration (day 7), before any later one.
+    t_review = datetime.combine(DAY0, datetime.min.time()) + timedelta(days=10)
+    res = record_review(store, "D", reviewer="ann", decision="step_up", note="more sessions",
+                        now=t_review)
+    assert res.flags_acknowledged == len(f[(f["episode_id"] == "D") & (f["state"] == "open")])
+    f = flags_of(store)
+    assert set(f.loc[f["kind"] != "risk_item", "state"]) == {"acknowledged"}
+
+    # Recompute with no new data: stays acknowledged.
+    compute(store, settings, reg, now=t_review + timedelta(hours=1))
+    det = flags_of(store).query("kind == 'reliable_deterioration'")
+    assert det["state"].tolist() == ["acknowledged"]
+
+    # A later administration that still meets the rule reopens it.
+    newer = write_csv(tmp_path / "a" / "newer.csv", ADMIN_HEADER,
+                      series("D", "PHQ-9", [14], [19], first_session=3))
+    ingest_paths([newer], store, settings, reg, now=NOW)
+    compute(store, settings, reg, now=t_review + timedelta(hours=2))
+    det = flags_of(store).query("kind == 'reliable_deterioration'")
+    assert det["state"].tolist() == ["open"]
+
+    # Improvement below the threshold resolves it.
+    better = write_csv(tmp_path / "a" / "better.csv", ADMIN_HEADER,
+                       series("D", "PHQ-9", [21], [11], first_session=4))
+    ingest_paths([better], store, settings, reg, now=NOW)
+    compute(store, settings, reg, now=t_review + timedelta(hours=3))
+    det = flags_of(store).query("kind == 'reliable_deterioration'")
+    assert det["state"].tolist() == ["resolved"]
+
+
+def test_review_revises_goals_as_a_new_plan_version(tmp_path: Path, store: Store,
+                                                   reg: Registry) -> None:
+    run(tmp_path, store, reg, [episode("P", ended=False)], series("P", "PHQ-9", [0], [15]))
+    goals = pd.DataFrame({"goal_id": ["G1"], "measure": ["PHQ-9"], "kind": ["below"],
+                          "target": [10.0], "due_session": [8]})
+    r1 = record_review(store, "P", reviewer="ann", decision="revise", new_goals=goals, now=NOW)
+    r2 = record_review(store, "P", reviewer="ann", decision="revise",
+                       new_goals=goals.assign(target=8.0), now=NOW)
+    assert (r1.plan_version, r2.plan_version) == (1, 2)
+    g = store.read_table("goals").sort_values("plan_version")
+    assert g["target"].tolist() == [10.0, 8.0]  # the old version is kept
+
+
+def test_review_of_unknown_or_invisible_episode_is_refused(tmp_path: Path, store: Store,
+                                                          reg: Registry) -> None:
+    from pipeline.errors import UsageError
+
+    run(tmp_path, store, reg, [episode("V", ended=False)], series("V", "PHQ-9", [0], [15]))
+    with pytest.raises(UsageError, match="not found"):
+        record_review(store, "NOPE", reviewer="ann", decision="continue")
+    with pytest.raises(UsageError, match="not found"):
+        record_review(store, "V", reviewer="ann", decision="continue",
+                      visible_episodes={"OTHER"})
+    assert store.read_table("reviews").empty
+
+
+# ------------------------------------------------------------------ goals
+
+
+def _outcome(last_score: int, slope: float, lo: float, hi: float, n: int = 5) -> pd.DataFrame:
+    return pd.DataFrame({
+        "episode_id": ["E"], "measure": ["PHQ-9"], "first_score": [20], "last_score": [last_score],
+        "last_at": [pd.Timestamp("2026-03-02")], "n": [n], "weeks": [8.0],
+        "slope_week": [slope], "slope_ci_low": [lo], "slope_ci_high": [hi],
+        "stalled": [False], "not_on_track": [False]})
+
+
+def _goal(kind: str = "below", target: float = 10, due: str | None = "2026-05-01",
+          due_session: int | None = None, sustain: int = 1) -> pd.DataFrame:
+    return pd.DataFrame({"episode_id": ["E"], "goal_id": ["G"], "measure": ["PHQ-9"],
+                         "kind": [kind], "target": [target],
+                         "due_date": [pd.Timestamp(due).date() if due else None],
+                         "due_session": [due_session], "sustain": [sustain]})
+
+
+NO_ADMINS = pd.DataFrame({"episode_id": ["E"], "measure": ["PHQ-9"],
+                          "administered_at": [pd.Timestamp("2026-03-02")], "score": [16]})
+
+
+def test_goal_projection_from_hand_computed_slope() -> None:
+    # Last score 16 on 2026-03-02, slope -1/week (CI -1.5 to -0.5), target below 10:
+    # 6 points to go -> 6 weeks (2026-04-13); fastest 4 weeks (2026-03-30); slowest
+    # 12 weeks (2026-05-25). Due 2026-05-01 -> on track.
+    g = goal_status(_goal(), NO_ADMINS, _outcome(16, -1.0, -1.5, -0.5), load_registry(),
+                    Settings(), datetime(2026, 3, 3)).iloc[0]
+    assert g["status"] == "on_track"
+    assert g["projected_at"] == pd.Timestamp("2026-04-13")
+    assert g["projected_earliest"] == pd.Timestamp("2026-03-30")
+    assert g["projected_latest"] == pd.Timestamp("2026-05-25")
+    # Due earlier than the projection: at risk.
+    g = goal_status(_goal(due="2026-04-01"), NO_ADMINS, _outcome(16, -1.0, -1.5, -0.5),
+                    load_registry(), Settings(), datetime(2026, 3, 3)).iloc[0]
+    assert g["status"] == "at_risk"
+    # A flat trend is not projected at all.
+    g = goal_status(_goal(), NO_ADMINS, _outcome(16, 0.0, -0.5, 0.5), load_registry(),
+                    Settings(), datetime(2026, 3, 3)).iloc[0]
+    assert g["status"] == "at_risk" and pd.isna(g["projected_at"])
+    assert "not projected" in g["status_reason"]
+    # Past due and not met: overdue.
+    g = goal_status(_goal(due="2026-02-01"), NO_ADMINS, _outcome(16, -1.0, -1.5, -0.5),
+                    load_registry(), Settings(), datetime(2026, 3, 3)).iloc[0]
+    assert g["status"] == "overdue"
+
+
+@pytest.mark.parametrize(("sustain", "met_day"), [(1, 7), (2, 28)])
+def test_sustain_needs_consecutive_administrations(sustain: int, met_day: int) -> None:
+    days = [0, 7, 14, 21, 28]
+    scores = [12, 9, 11, 9, 8]  # below 10 at days 7, 21, 28: consecutive only at 21-28
+    admins = pd.DataFrame({"episode_id": "E", "measure": "PHQ-9",
+                           "administered_at": [pd.Timestamp(DAY0) + pd.Timedelta(days=d)
+                                               for d in days], "score": scores})
+    out = _outcome(8, -0.8, -1.5, -0.1).assign(first_score=12)
+    g = goal_status(_goal(sustain=sustain), admins, out, load_registry(), Settings(),
+                    datetime(2026, 3, 3)).iloc[0]
+    assert g["status"] == "met"
+    assert g["met_at"] == pd.Timestamp(DAY0) + pd.Timedelta(days=met_day)
+
+
+def test_goal_kinds_reduction_reliable_improvement_remission() -> None:
+    admins = pd.DataFrame({"episode_id": "E", "measure": "PHQ-9",
+                           "administered_at": pd.to_datetime(["2026-01-05", "2026-01-12",
+                                                              "2026-01-19"]),
+                           "score": [20, 14, 10]})
+    out = _outcome(10, -5.0, -6.0, -4.0, n=3)
+    reg, st, today = load_registry(), Settings(), datetime(2026, 1, 20)
+    # 50% reduction from 20 is reached at exactly 10 (inclusive).
+    g = goal_status(_goal("reduction_pct", 50), admins, out, reg, st, today).iloc[0]
+    assert g["status"] == "met" and g["met_at"] == pd.Timestamp("2026-01-19")
+    # Reliable improvement of 6 points: 20 -> 14 is exactly 6 (inclusive).
+    g = goal_status(_goal("reliable_improvement", 6), admins, out, reg, st, today).iloc[0]
+    assert g["met_at"] == pd.Timestamp("2026-01-12")
+    # Remission (PHQ-9 < 5) not reached; below 10 is strict, so 10 does not meet it.
+    g = goal_status(_goal("remission", 0), admins, out, reg, st, today).iloc[0]
+    assert g["status"] != "met"
+    g = goal_status(_goal("below", 10), admins, out, reg, st, today).iloc[0]
+    assert g["status"] != "met"

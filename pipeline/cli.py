@@ -223,6 +223,28 @@ def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_evaluate_flags(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.evaluation import evaluate_flags
+
+    res = evaluate_flags(load_registry(), settings, episodes=args.episodes, seed=args.seed)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    c = res["cohort"]
+    print(f"synthetic cohort: {c['episodes']} episodes (seed {c['seed']}), {c['cases']} cases "
+          f"(non-responders + deteriorators), {c['therapists']} therapists over "
+          f"{c['weeks']} weeks; reference from seed {c['training_seed']}")
+    print(f"{'rule':24} {'sens':>6} {'spec':>6} {'TP':>5} {'FN':>5} {'FP':>5} {'TN':>5} "
+          f"{'lead (sessions)':>16} {'flags/therapist/week':>21}")
+    for r in res["rules"]:
+        lead = r["median_sessions_before_end"]
+        print(f"{r['rule']:24} {r['sensitivity']:6.2f} {r['specificity']:6.2f} {r['tp']:5d} "
+              f"{r['fn']:5d} {r['fp']:5d} {r['tn']:5d} "
+              f"{'-' if lead is None else f'{lead:.0f}':>16} "
+              f"{r['flags_per_therapist_week']:21.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -290,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--therapist")
     s.add_argument("--all", action="store_true", help="include acknowledged and resolved")
     s.set_defaults(func=cmd_flags)
+
+    s = sub.add_parser("evaluate-flags", help="sensitivity/specificity of the flag rules "
+                       "on a synthetic cohort with known trajectories")
+    s.add_argument("--episodes", type=int, default=1500)
+    s.add_argument("--seed", type=int, default=4242)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate_flags)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

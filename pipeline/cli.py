@@ -245,6 +245,16 @@ def cmd_evaluate_flags(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_default_curves(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.evaluation import write_default_curves
+    from pipeline.stats.curves import DEFAULT_CURVES
+
+    out = args.out or str(DEFAULT_CURVES)
+    curves = write_default_curves(out, load_registry(), settings)
+    print(f"wrote {len(curves)} curve points to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -319,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=4242)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate_flags)
+
+    s = sub.add_parser("default-curves", help="rebuild the shipped default expected "
+                       "recovery curves from a synthetic cohort")
+    s.add_argument("--out", help="default: the package's default_curves.csv")
+    s.set_defaults(func=cmd_default_curves)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

@@ -22,7 +22,13 @@ from pipeline import flags as flag_rules
 from pipeline.config import Settings
 from pipeline.goals import goal_status
 from pipeline.scales import Registry
-from pipeline.stats.curves import baseline_band, build_curves
+from pipeline.stats.curves import (
+    DEFAULT_PERCENTILE,
+    baseline_band,
+    build_curves,
+    default_curves,
+    with_defaults,
+)
 from pipeline.stats.outcomes import Reference, episode_outcomes
 from pipeline.store import (
     Store,
@@ -84,7 +90,8 @@ def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataF
 
 
 def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
-                    settings: Settings) -> tuple[Reference, pd.DataFrame]:
+                    settings: Settings, use_defaults: bool = True
+                    ) -> tuple[Reference, pd.DataFrame]:
     """Baseline SDs (n-1, over every episode's first score) and expected recovery curves.
 
     Parameters
@@ -125,6 +132,9 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
     })[a["episode_id"].isin(set(ended)).to_numpy()]
     curves = build_curves(curve_in, percentile=settings.curve_percentile,
                           min_stratum=settings.curve_min_stratum)
+    if use_defaults and settings.curve_percentile == DEFAULT_PERCENTILE:
+        # A young service borrows the shipped curve where its own strata are too small.
+        curves = with_defaults(curves, default_curves())
     return Reference(sd=sds, sd_source=sources, curves=curves), pd.DataFrame(rows)
 
 

@@ -76,7 +76,7 @@ def evaluate_flags(registry: Registry, settings: Settings, episodes: int = 1500,
     train = generate(SynthConfig(episodes=max(episodes, 1500), seed=training_seed))
     train_adm = _scored(train)
     ended = train.episodes.loc[train.episodes["end_date"] != "", "episode_id"]
-    reference, _ = build_reference(train_adm, ended, registry, settings)
+    reference, _ = build_reference(train_adm, ended, registry, settings, use_defaults=False)
 
     test = generate(SynthConfig(episodes=episodes, seed=seed, therapists=15))
     adm = _scored(test)
@@ -125,6 +125,18 @@ def evaluate_flags(registry: Registry, settings: Settings, episodes: int = 1500,
                      "reliable_change_method": settings.reliable_change_method},
         "rules": rows,
     }
+
+
+def write_default_curves(path: str, registry: Registry, settings: Settings,
+                         episodes: int = 5000, seed: int = 2026) -> pd.DataFrame:
+    """Build the shipped default curves from a synthetic cohort and write them as CSV."""
+    data = generate(SynthConfig(episodes=episodes, seed=seed, therapists=60))
+    adm = _scored(data)
+    ended = data.episodes.loc[data.episodes["end_date"] != "", "episode_id"]
+    reference, _ = build_reference(adm, ended, registry, settings, use_defaults=False)
+    curves = reference.curves.drop(columns="source")
+    curves.to_csv(path, index=False, float_format="%.4g")
+    return curves
 
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:

@@ -333,3 +333,26 @@ def test_goal_kinds_reduction_reliable_improvement_remission() -> None:
     assert g["status"] != "met"
     g = goal_status(_goal("below", 10), admins, out, reg, st, today).iloc[0]
     assert g["status"] != "met"
+
+
+def test_goal_flags_for_open_episodes(tmp_path: Path, store: Store, reg: Registry) -> None:
+    eps = [episode("LATE", ended=False), episode("DONE_GOAL", ended=False),
+           episode("CLOSED")]
+    adm = []
+    for e, scores in (("LATE", [18, 17, 17, 16]), ("DONE_GOAL", [18, 12, 9, 8]),
+                      ("CLOSED", [18, 17, 17, 16])):
+        adm += series(e, "PHQ-9", [0, 7, 14, 21], scores)
+    paths = entity_files(tmp_path / "g", eps)
+    paths.append(write_csv(tmp_path / "g" / "adm.csv", ADMIN_HEADER, adm))
+    plan = [{"episode_id": e, "goal_id": "G1", "measure": "PHQ-9", "kind": "below",
+             "target": 10, "due": "2026-03-01"} for e in ("LATE", "DONE_GOAL", "CLOSED")]
+    paths.append(write_csv(tmp_path / "g" / "plans.csv",
+                           ["episode_id", "goal_id", "measure", "kind", "target", "due"], plan))
+    ingest_paths(paths, store, Settings(), reg, now=NOW)
+    compute(store, Settings(), reg, now=NOW)
+    f = flags_of(store)
+    assert "goal_overdue" in kinds_for(f, "LATE")  # due 2026-03-01, still 16
+    assert not {"goal_overdue", "goal_at_risk"} & kinds_for(f, "DONE_GOAL")  # met (9 < 10)
+    assert not {"goal_overdue", "goal_at_risk"} & kinds_for(f, "CLOSED")  # not open
+    row = f[(f["episode_id"] == "LATE") & (f["kind"] == "goal_overdue")].iloc[0]
+    assert row["key"] == "G1" and "past due" in row["message"]

@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(BIN)/ontrack ingest data/sample/input
 	$(BIN)/ontrack compute
 	$(BIN)/ontrack report
+	$(BIN)/ontrack flags | tail -n 12
 	$(BIN)/ontrack summary
 
 ## Set up with the dev extras, lint, type-check and run the whole test suite.

@@ -128,7 +128,12 @@ def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
               f"{rep.outcome_rows} episode x measure outcomes, {rep.sudden_rows} sudden "
               f"gains/losses; reference {'rebuilt' if rep.reference_rebuilt else 'kept'}; "
               f"{t['total']:.2f} s (read {t['read']:.2f}, reference {t['reference']:.2f}, "
-              f"statistics {t['statistics']:.2f}, write {t['write']:.2f})")
+              f"statistics {t['statistics']:.2f}, write {t['write']:.2f}, "
+              f"flags {t['flags']:.2f})")
+        fl = rep.flags
+        print(f"flags: {fl.get('raised', 0)} raised, {fl.get('reopened', 0)} reopened, "
+              f"{fl.get('updated', 0)} still firing, {fl.get('resolved', 0)} resolved "
+              "(ontrack flags lists the open ones)")
     return 0
 
 

@@ -387,14 +387,27 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
         ack_at = pd.to_datetime(old["acknowledged_at"])
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
-        for rec, reo in zip(_records(old), reopen.to_numpy(), strict=True):
-            values = {"severity": rec["severity"], "rule": rec["rule"], "message": rec["message"],
-                      "evidence": rec["evidence"], "evidence_at": rec["evidence_at"],
-                      "last_seen": now}
-            if reo:
-                values.update(state="open", resolved_at=None)
-            conn.execute(flags_table.update().where(
-                flags_table.c.flag_id == int(rec["flag_id"])).values(**values))
+        # One executemany per state change, not one statement per flag.
+        recs = _records(old[["flag_id", "severity", "rule", "message", "evidence",
+                             "evidence_at"]])
+        stmt = flags_table.update().where(flags_table.c.flag_id == sa.bindparam("fid"))
+        keep: list[dict[str, Any]] = []
+        reopened: list[dict[str, Any]] = []
+        for rec, reo in zip(recs, reopen.to_numpy(), strict=True):
+            params = {"fid": int(rec.pop("flag_id")), **rec, "last_seen": now}
+            (reopened if reo else keep).append(params)
+        if keep:
+            conn.execute(stmt.values(
+                severity=sa.bindparam("severity"), rule=sa.bindparam("rule"),
+                message=sa.bindparam("message"), evidence=sa.bindparam("evidence"),
+                evidence_at=sa.bindparam("evidence_at"),
+                last_seen=sa.bindparam("last_seen")), keep)
+        if reopened:
+            conn.execute(stmt.values(
+                severity=sa.bindparam("severity"), rule=sa.bindparam("rule"),
+                message=sa.bindparam("message"), evidence=sa.bindparam("evidence"),
+                evidence_at=sa.bindparam("evidence_at"), last_seen=sa.bindparam("last_seen"),
+                state="open", resolved_at=None), reopened)
         counts["reopened"] = int(reopen.sum())
         counts["updated"] = len(old) - counts["reopened"]
     if resolve_missing and not stored.empty:

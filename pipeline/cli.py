@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import Settings, load_settings
-from pipeline.errors import OnTrackError
+from pipeline.errors import OnTrackError, UsageError
 from pipeline.scales import load_registry
 from pipeline.store import Store
 
@@ -260,6 +260,31 @@ def cmd_default_curves(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+    import os
+
+    from pipeline import users
+
+    store = _store(settings)
+    if args.action == "list":
+        for u in users.list_users(store):
+            print(f"{u.username:20} {u.role:10} {u.therapist_id or '-':10} "
+                  f"{'active' if u.active else 'disabled'}")
+        return 0
+    if not args.username:
+        raise UsageError("a username is required")
+    if args.action == "add":
+        password = os.environ.get("ONTRACK_NEW_PASSWORD") or getpass.getpass(
+            f"password for {args.username}: ")
+        u = users.add_user(store, args.username, password, args.role, args.therapist_id)
+        print(f"user {u.username} added ({u.role})")
+    else:
+        users.set_active(store, args.username, args.action == "enable")
+        print(f"user {args.username} {args.action}d")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -339,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "recovery curves from a synthetic cohort")
     s.add_argument("--out", help="default: the package's default_curves.csv")
     s.set_defaults(func=cmd_default_curves)
+
+    s = sub.add_parser("users", help="manage dashboard users (password from a prompt or "
+                       "ONTRACK_NEW_PASSWORD, never an argument)")
+    s.add_argument("action", choices=["add", "list", "disable", "enable"])
+    s.add_argument("username", nargs="?")
+    s.add_argument("--role", choices=["therapist", "director", "researcher", "admin"],
+                   default="therapist")
+    s.add_argument("--therapist-id")
+    s.set_defaults(func=cmd_users)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

@@ -44,6 +44,9 @@ from pipeline.store import (
     sudden_changes,
     utcnow,
 )
+from pipeline.store import (
+    goal_status as goal_status_table,
+)
 
 __all__ = ["ComputeReport", "build_reference", "compute"]
 
@@ -159,7 +162,7 @@ def _to_rows(frame: pd.DataFrame, table: sa.Table, run_id: int) -> list[dict[str
             if isinstance(v, np.generic):
                 rec[key] = v.item()
             elif isinstance(v, pd.Timestamp):
-                rec[key] = v.to_pydatetime()
+                rec[key] = v.to_pydatetime(warn=False)
     return [{str(k): v for k, v in r.items()} for r in recs]
 
 
@@ -273,6 +276,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         t4 = time.perf_counter()
         inp = rule_input(conn, registry, settings, now)
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now)
+        conn.execute(goal_status_table.delete())
+        if not inp.goals.empty:
+            conn.execute(goal_status_table.insert(),
+                         _to_rows(inp.goals, goal_status_table, run_id))
         timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(

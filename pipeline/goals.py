@@ -167,8 +167,8 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     def project(w: np.ndarray) -> pd.Series:
         # Beyond two years a straight-line projection means nothing clinically.
         w = np.where(w > MAX_PROJECTION_WEEKS, np.nan, w)
-        return last_at + pd.to_timedelta(np.where(np.isnan(w), 0, np.maximum(w, 0)) * 7,
-                                         unit="D").where(~np.isnan(w))
+        days = pd.to_timedelta(np.where(np.isnan(w), 0, np.maximum(w, 0)) * 7, unit="D")
+        return (last_at + days).dt.floor("s").where(~np.isnan(w))
 
     g["projected_at"] = project(w_point)
     g["projected_earliest"] = project(w_early)

@@ -256,6 +256,46 @@ reviews = sa.Table(
     sa.Column("flags_acknowledged", sa.Integer, nullable=False),
 )
 
+goal_status = sa.Table(
+    "goal_status", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("goal_id", sa.String(200), primary_key=True),
+    sa.Column("plan_version", sa.Integer, nullable=False),
+    sa.Column("measure", sa.String(20), nullable=False),
+    sa.Column("kind", sa.String(30), nullable=False),
+    sa.Column("target", sa.Float),
+    sa.Column("description", sa.Text),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("status_reason", sa.Text),
+    sa.Column("boundary", sa.Float),
+    sa.Column("met_at", sa.DateTime),
+    sa.Column("due_at", sa.DateTime),
+    sa.Column("projected_at", sa.DateTime),
+    sa.Column("projected_earliest", sa.DateTime),
+    sa.Column("projected_latest", sa.DateTime),
+    sa.Column("run_id", sa.Integer, nullable=False),
+)
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("user_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(100), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(300), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),  # therapist|director|researcher|admin
+    sa.Column("therapist_id", sa.String(200)),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("audit_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("username", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("target", sa.String(200)),
+)
+
 ENTITY_TABLES = {"therapists": therapists, "clients": clients, "episodes": episodes}
 ENTITY_KEYS = {"therapists": "therapist_id", "clients": "client_id", "episodes": "episode_id"}
 #: Fields that may change on a later export of the same entity (anything else conflicts).

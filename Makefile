@@ -20,6 +20,8 @@ run: $(STAMP)
 	$(BIN)/ontrack report
 	$(BIN)/ontrack flags | tail -n 12
 	$(BIN)/ontrack summary
+	$(BIN)/ontrack demo-users
+	$(BIN)/ontrack serve --host 127.0.0.1 --port 8050
 
 ## Set up with the dev extras, lint, type-check and run the whole test suite.
 test: $(STAMP)

@@ -285,6 +285,37 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from dashboard.app import create_app
+
+    app = create_app(settings)
+    print(f"OnTrack dashboard on http://{args.host}:{args.port}")
+    app.run(host=args.host, port=args.port, debug=False)
+    return 0
+
+
+def cmd_demo_users(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from pipeline import users
+    from pipeline.store import episodes
+
+    store = _store(settings)
+    with store.engine.connect() as conn:
+        therapist = conn.execute(sa.select(episodes.c.therapist_id).where(
+            episodes.c.end_date.is_(None)).group_by(episodes.c.therapist_id)
+            .order_by(sa.func.count().desc()).limit(1)).scalar()
+    existing = {u.username for u in users.list_users(store)}
+    print("demo users (for the synthetic sample only):")
+    for name, role, tid in (("therapist", "therapist", therapist), ("director", "director", None),
+                            ("researcher", "researcher", None), ("admin", "admin", None)):
+        password = f"demo-{name}-password"
+        if name not in existing:
+            users.add_user(store, name, password, role, tid)
+        print(f"  {name:11} / {password}" + (f"  (therapist {tid})" if tid else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -373,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default="therapist")
     s.add_argument("--therapist-id")
     s.set_defaults(func=cmd_users)
+
+    s = sub.add_parser("serve", help="serve the dashboard")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8050)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo-users", help="create one demo user per role (sample data only)")
+    s.set_defaults(func=cmd_demo_users)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

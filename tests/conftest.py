@@ -151,3 +151,15 @@ def sample_ingested(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def expected_quarantine() -> pd.DataFrame:
     return pd.read_csv(EXPECTED_QUARANTINE)
+
+
+@pytest.fixture(scope="session")
+def dash_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One dashboard app per test session: Dash registers page callbacks globally, so a
+    second app in the same process would lack them (production runs one per process)."""
+    from dashboard.app import create_app
+    from tests.dashboard_helpers import sample_store
+
+    store, settings, tids = sample_store(tmp_path_factory.mktemp("dash"))
+    app = create_app(settings, store)
+    return {"app": app, "store": store, "settings": settings, "tids": tids}

@@ -28,7 +28,8 @@ import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
-__all__ = ["METRICS", "episode_service_outcomes", "service_metrics", "wilson_interval"]
+__all__ = ["METRICS", "episode_service_outcomes", "funnel_limits", "service_metrics",
+           "wilson_interval"]
 
 #: metric -> (numerator flag, denominator flag)
 METRICS = {
@@ -177,4 +178,37 @@ def metrics_record(frame: pd.DataFrame, i: int = 0) -> dict[str, Any]:
             out[str(key)] = None if np.isnan(value) else float(value)
         else:
             out[str(key)] = value
+    return out
+
+
+def funnel_limits(p0: float, n: npt.ArrayLike,
+                  levels: tuple[float, ...] = (0.95, 0.998)) -> pd.DataFrame:
+    """Exact binomial control limits of a funnel plot around a target proportion.
+
+    For each sample size ``n`` and two-sided level, the limits are the binomial
+    quantiles of ``Bin(n, p0)`` at ``(1 - level) / 2`` and ``(1 + level) / 2``,
+    interpolated between integers and divided by ``n`` (Spiegelhalter 2005, A.1.1).
+
+    References
+    ----------
+    .. [1] Spiegelhalter DJ. Funnel plots for comparing institutional performance.
+           Stat Med. 2005;24(8):1185-1202.
+
+    Examples
+    --------
+    >>> lim = funnel_limits(0.5, [100])
+    >>> round(float(lim["lo_95"].iloc[0]), 3), round(float(lim["hi_95"].iloc[0]), 3)
+    (0.397, 0.593)
+    """
+    n_a = np.asarray(n, dtype=float)
+    out = pd.DataFrame({"n": n_a})
+    for level in levels:
+        tag = f"{level * 100:g}".replace(".", "_")
+        for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
+            r = stats.binom.ppf(p, n_a, p0)
+            f_r = stats.binom.cdf(r, n_a, p0)
+            f_r1 = stats.binom.cdf(r - 1, n_a, p0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                alpha = np.where(f_r > f_r1, (f_r - p) / (f_r - f_r1), 0.0)
+                out[f"{side}_{tag}"] = np.clip((r - alpha) / n_a, 0, 1)
     return out

@@ -1,0 +1,269 @@
+"""Read-only queries for the dashboard, through :mod:`pipeline.store` tables and the
+access rules of :mod:`dashboard.access`. No statistics are computed here: outcomes,
+flags, goal status and curves come from ``ontrack compute``; service rates from
+:mod:`pipeline.report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from flask import current_app
+
+from dashboard.access import Viewer, episode_clause, may_see_clients, may_see_service
+from pipeline.config import Settings
+from pipeline.report import episode_flags
+from pipeline.scales import Registry
+from pipeline.stats.service import METRICS, service_metrics
+from pipeline.store import (
+    Store,
+    administrations,
+    batches,
+    clients,
+    compute_runs,
+    episodes,
+    expected_curves,
+    flags,
+    goal_status,
+    outcomes,
+    quarantine,
+    reviews,
+    sudden_changes,
+    therapists,
+    utcnow,
+)
+
+__all__ = ["DataAccess", "get_data"]
+
+SEVERITY_ORDER = {"urgent": 0, "review": 1, "info": 2}
+
+
+def _ts(values: pd.Series) -> pd.Series:
+    """Dates or datetimes (possibly None) as one datetime64[us] dtype."""
+    return pd.to_datetime(values).astype("datetime64[us]")
+
+
+def _frame(conn: sa.Connection, query: sa.Select[Any]) -> pd.DataFrame:
+    res = conn.execute(query)
+    return pd.DataFrame(res.mappings().all(), columns=list(res.keys()))
+
+
+@dataclass
+class DataAccess:
+    """Every query the pages make; each one takes the viewer and applies the rules."""
+
+    store: Store
+    settings: Settings
+    registry: Registry
+
+    # ------------------------------------------------------------------ caseload
+    def options(self, viewer: Viewer) -> dict[str, list[str]]:
+        """Teams and therapists the viewer may filter by."""
+        with self.store.engine.connect() as conn:
+            ep = _frame(conn, sa.select(episodes.c.team, episodes.c.therapist_id)
+                        .where(episode_clause(viewer)).distinct())
+        return {"teams": sorted(ep["team"].dropna().unique().tolist()),
+                "therapists": sorted(ep["therapist_id"].dropna().unique().tolist())}
+
+    def caseload(self, viewer: Viewer, team: str | None = None,
+                 therapist: str | None = None, today: datetime | None = None
+                 ) -> pd.DataFrame:
+        """Open episodes the viewer may see, one row each, most urgent first."""
+        if not may_see_clients(viewer):
+            return pd.DataFrame()
+        today = today or utcnow()
+        cond = episode_clause(viewer) & episodes.c.end_date.is_(None)
+        if team:
+            cond &= episodes.c.team == team
+        if therapist:
+            cond &= episodes.c.therapist_id == therapist
+        with self.store.engine.connect() as conn:
+            ep = _frame(conn, sa.select(
+                episodes.c.episode_id, episodes.c.team, episodes.c.therapist_id,
+                episodes.c.start_date, clients.c.given_name, clients.c.family_name,
+                therapists.c.name.label("therapist"))
+                .join(clients, clients.c.client_id == episodes.c.client_id)
+                .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
+                .where(cond))
+            ids = ep["episode_id"].tolist()
+            oc = self._in(conn, sa.select(
+                outcomes.c.episode_id, outcomes.c.measure, outcomes.c.last_score,
+                outcomes.c.change, outcomes.c.slope_week, outcomes.c.slope_ci_low,
+                outcomes.c.slope_ci_high, outcomes.c.last_at), outcomes.c.episode_id, ids)
+            fl = self._in(conn, sa.select(flags.c.episode_id, flags.c.kind, flags.c.severity)
+                          .where(flags.c.state == "open"), flags.c.episode_id, ids)
+            gs = self._in(conn, sa.select(goal_status.c.episode_id, goal_status.c.status),
+                          goal_status.c.episode_id, ids)
+            rv = self._in(conn, sa.select(reviews.c.episode_id, reviews.c.reviewed_at,
+                                          reviews.c.next_review), reviews.c.episode_id, ids)
+        out = ep.assign(client=(ep["given_name"].fillna("") + " " +
+                                ep["family_name"].fillna("")).str.strip())
+        out["weeks"] = ((pd.Timestamp(today) - pd.to_datetime(out["start_date"])).dt.days
+                        // 7).astype("Int64")
+        for m in (self.settings.depression_measure, self.settings.anxiety_measure):
+            o = oc[oc["measure"] == m].set_index("episode_id")
+            key = m.lower().replace("-", "")
+            out[f"{key}_latest"] = out["episode_id"].map(o["last_score"]).astype("Int64")
+            out[f"{key}_change"] = out["episode_id"].map(o["change"])
+            out[f"{key}_band"] = out[f"{key}_latest"].map(
+                lambda v, s=self.registry[m]: s.band_of(v) if pd.notna(v) else None)
+            trend = pd.Series("", index=o.index, dtype="str")
+            trend[o["slope_ci_high"] < 0] = "improving"
+            trend[o["slope_ci_low"] > 0] = "worsening"
+            trend[o["slope_week"].isna()] = "too few"
+            trend[(trend == "") & o["slope_week"].notna()] = "flat"
+            out[f"{key}_trend"] = out["episode_id"].map(trend)
+        counts = fl.groupby(["episode_id", "severity"]).size().unstack(fill_value=0)
+        for sev in ("urgent", "review", "info"):
+            out[f"flags_{sev}"] = out["episode_id"].map(
+                counts[sev] if sev in counts else pd.Series(dtype="int64")).fillna(0) \
+                .astype(int)
+        risk = set(fl.loc[fl["kind"] == "risk_item", "episode_id"])
+        out["risk"] = out["episode_id"].isin(risk)
+        worst = {"overdue": 0, "at_risk": 1, "no_data": 2, "on_track": 3, "met": 4}
+        g = gs.assign(rank=gs["status"].map(worst)).sort_values("rank") \
+            .drop_duplicates("episode_id").set_index("episode_id")["status"]
+        out["goal_status"] = out["episode_id"].map(g)
+        last = rv.sort_values("reviewed_at").drop_duplicates("episode_id", keep="last") \
+            .set_index("episode_id")
+        base = _ts(out["episode_id"].map(last["reviewed_at"])).fillna(_ts(out["start_date"]))
+        due = _ts(out["episode_id"].map(last["next_review"])).fillna(
+            base + pd.Timedelta(weeks=self.settings.review_overdue_weeks))
+        out["next_review"] = due.dt.strftime("%Y-%m-%d")
+        out = out.sort_values(["risk", "flags_urgent", "flags_review", "weeks"],
+                              ascending=[False, False, False, False], kind="stable")
+        return out.drop(columns=["given_name", "family_name"]).reset_index(drop=True)
+
+    @staticmethod
+    def _in(conn: sa.Connection, query: sa.Select[Any], column: sa.ColumnElement[Any],
+            ids: list[str]) -> pd.DataFrame:
+        frames = [_frame(conn, query.where(column.in_(ids[i:i + 900])))
+                  for i in range(0, len(ids), 900)]
+        if not frames:
+            return _frame(conn, query.where(sa.false()))
+        return pd.concat(frames, ignore_index=True)
+
+    # ------------------------------------------------------------------ client
+    def episode(self, viewer: Viewer, episode_id: str) -> dict[str, Any] | None:
+        """Everything the client page shows, or None when not visible (= not found)."""
+        if not may_see_clients(viewer):
+            return None
+        with self.store.engine.connect() as conn:
+            head = conn.execute(sa.select(
+                episodes, clients.c.given_name, clients.c.family_name, clients.c.birth_date,
+                therapists.c.name.label("therapist"))
+                .join(clients, clients.c.client_id == episodes.c.client_id)
+                .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
+                .where(episode_clause(viewer) & (episodes.c.episode_id == episode_id))
+            ).mappings().first()
+            if head is None:
+                return None
+            adm = _frame(conn, sa.select(administrations).where(
+                administrations.c.episode_id == episode_id)
+                .order_by(administrations.c.administered_at))
+            oc = _frame(conn, sa.select(outcomes).where(outcomes.c.episode_id == episode_id))
+            fl = _frame(conn, sa.select(flags).where(flags.c.episode_id == episode_id)
+                        .order_by(flags.c.first_raised))
+            gs = _frame(conn, sa.select(goal_status).where(
+                goal_status.c.episode_id == episode_id))
+            sud = _frame(conn, sa.select(sudden_changes).where(
+                sudden_changes.c.episode_id == episode_id))
+            rv = _frame(conn, sa.select(reviews).where(reviews.c.episode_id == episode_id)
+                        .order_by(reviews.c.reviewed_at.desc()))
+            curves = _frame(conn, sa.select(expected_curves))
+        fl["order"] = fl["severity"].map(SEVERITY_ORDER)
+        return {"episode": dict(head), "administrations": adm, "outcomes": oc,
+                "flags": fl.sort_values(["order", "first_raised"]), "goals": gs,
+                "sudden": sud, "reviews": rv, "curves": curves}
+
+    def may_see_episode(self, viewer: Viewer, episode_id: str) -> bool:
+        """Whether the episode exists and the viewer may see it."""
+        if not may_see_clients(viewer):
+            return False
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(episodes.c.episode_id).where(
+                episode_clause(viewer) & (episodes.c.episode_id == episode_id))).first()
+        return row is not None
+
+    def record_review(self, viewer: Viewer, episode_id: str, **kwargs: Any) -> Any:
+        """Record a plan review if (and only if) the viewer may see the episode."""
+        from pipeline.reviews import record_review
+
+        visible = {episode_id} if self.may_see_episode(viewer, episode_id) else set()
+        return record_review(self.store, episode_id, reviewer=viewer.username,
+                             visible_episodes=visible, **kwargs)
+
+    def audit(self, viewer: Viewer, action: str, target: str) -> None:
+        from pipeline.users import audit
+
+        audit(self.store, viewer.username, action, target)
+
+    # ------------------------------------------------------------------ service
+    def service(self, viewer: Viewer) -> dict[str, pd.DataFrame] | None:
+        """SPEC §5 rates overall, by team, by therapist and by month (of the end date)."""
+        if not may_see_service(viewer):
+            return None
+        ef = episode_flags(self.store, self.settings, self.registry)
+        ef["month"] = pd.to_datetime(ef["end_date"]).dt.strftime("%Y-%m")
+        out = {"overall": service_metrics(ef)}
+        for by in ("team", "therapist_id", "month"):
+            out[by] = service_metrics(ef[ef["finished"]], by=[by]) if ef["finished"].any() \
+                else pd.DataFrame()
+        with self.store.engine.connect() as conn:
+            fl = _frame(conn, sa.select(flags.c.kind, flags.c.state, flags.c.first_raised,
+                                        flags.c.acknowledged_at))
+        hours = (pd.to_datetime(fl["acknowledged_at"]) - pd.to_datetime(fl["first_raised"])) \
+            .dt.total_seconds() / 3600
+        out["flags"] = fl.assign(hours=hours).groupby("kind").agg(
+            open=("state", lambda s: int((s == "open").sum())),
+            acknowledged=("state", lambda s: int((s == "acknowledged").sum())),
+            resolved=("state", lambda s: int((s == "resolved").sum())),
+            median_hours_to_review=("hours", "median")).reset_index()
+        return out
+
+    @staticmethod
+    def metric_names() -> list[str]:
+        return list(METRICS)
+
+    # ------------------------------------------------------------------ quality
+    def quality(self, viewer: Viewer) -> dict[str, pd.DataFrame] | None:
+        """Batches, quarantine counts, paired-score completeness, compute runs."""
+        if not may_see_service(viewer):
+            return None
+        with self.store.engine.connect() as conn:
+            bt = _frame(conn, sa.select(batches).order_by(batches.c.batch_id.desc()))
+            q = _frame(conn, sa.select(quarantine.c.reason, sa.func.count().label("records"))
+                       .group_by(quarantine.c.reason))
+            runs = _frame(conn, sa.select(compute_runs).order_by(compute_runs.c.run_id.desc())
+                          .limit(20))
+            missing = _frame(conn, sa.select(flags.c.episode_id, flags.c.message).where(
+                (flags.c.kind == "missing_measures") & (flags.c.state == "open")))
+        ef = episode_flags(self.store, self.settings, self.registry)
+        ended = ef[ef["end_date"].notna()]
+        comp = ended.groupby("team", dropna=False).agg(
+            ended=("episode_id", "size"), with_paired_scores=("finished", "sum")).reset_index()
+        comp["completeness"] = comp["with_paired_scores"] / comp["ended"]
+        return {"batches": bt, "quarantine": q, "completeness": comp, "runs": runs,
+                "missing": missing}
+
+    def quarantined(self, viewer: Viewer, reason: str | None) -> pd.DataFrame:
+        """Quarantined records (raw content may identify clients: directors/admins)."""
+        if viewer.role not in ("director", "admin"):
+            return pd.DataFrame()
+        q = sa.select(quarantine.c.quarantine_id, quarantine.c.batch_id, quarantine.c.file,
+                      quarantine.c.location, quarantine.c.reason, quarantine.c.detail,
+                      quarantine.c.raw).order_by(quarantine.c.quarantine_id).limit(500)
+        if reason:
+            q = q.where(quarantine.c.reason == reason)
+        with self.store.engine.connect() as conn:
+            return _frame(conn, q)
+
+
+def get_data() -> DataAccess:
+    """The app's data access object (set by :func:`dashboard.app.create_app`)."""
+    data: DataAccess = current_app.config["ONTRACK_DATA"]
+    return data

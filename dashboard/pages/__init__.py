@@ -1,0 +1,1 @@
+"""Dashboard pages: layout and callbacks only (data via dashboard.data)."""

@@ -40,6 +40,11 @@ def trajectory_figure(scale: Scale, admins: pd.DataFrame, outcome: dict[str, Any
     x = pd.to_datetime(a["administered_at"])
     x0 = x.min() - pd.Timedelta(days=3) if len(a) else pd.Timestamp.now()
     x1 = x.max() + pd.Timedelta(days=10) if len(a) else pd.Timestamp.now()
+    if not goals.empty and "due_at" in goals.columns:
+        due = pd.to_datetime(goals["due_at"]).dropna()
+        due = due[due <= x1 + pd.Timedelta(weeks=26)]  # show due dates up to 6 months ahead
+        if len(due):
+            x1 = max(x1, due.max() + pd.Timedelta(days=7))
     for i, band in enumerate(scale.bands):
         colour = BAND_COLOURS[min(i * len(BAND_COLOURS) // max(len(scale.bands), 1),
                                   len(BAND_COLOURS) - 1)]

@@ -197,4 +197,7 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
         default="projection misses the due date or the trend is not reliably improving")
     g["status"] = status
     g["status_reason"] = reason
+    for col in ("projected_at", "projected_earliest", "projected_latest"):
+        g.loc[met, col] = pd.NaT  # nothing to project once met
+
     return g.drop(columns=["_gid"])

@@ -6,7 +6,10 @@ flags, goal status and curves come from ``ontrack compute``; service rates from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +34,7 @@ from pipeline.store import (
     goal_status,
     outcomes,
     quarantine,
+    read_frame,
     reviews,
     sudden_changes,
     therapists,
@@ -48,17 +52,45 @@ def _ts(values: pd.Series) -> pd.Series:
 
 
 def _frame(conn: sa.Connection, query: sa.Select[Any]) -> pd.DataFrame:
-    res = conn.execute(query)
-    return pd.DataFrame(res.mappings().all(), columns=list(res.keys()))
+    return read_frame(conn, query)
 
 
 @dataclass
 class DataAccess:
-    """Every query the pages make; each one takes the viewer and applies the rules."""
+    """Every query the pages make; each one takes the viewer and applies the rules.
+
+    Results of the expensive reads (caseload, service outcomes) are cached per viewer
+    scope and *data version* (latest compute run, review and batch): any ingest, compute
+    or review invalidates them, so a cached answer is never stale.
+    """
 
     store: Store
     settings: Settings
     registry: Registry
+    cache_size: int = 64
+    _cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def data_version(self) -> tuple[int, int, int]:
+        """(latest compute run, review, batch): changes whenever what we show may change."""
+        with self.store.engine.connect() as conn:
+            return tuple(int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(c), 0)))
+                             .scalar_one())
+                         for c in (compute_runs.c.run_id, reviews.c.review_id,
+                                   batches.c.batch_id))  # type: ignore[return-value]
+
+    def _cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        key = (*key, self.data_version())
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = build()
+        with self._lock:
+            self._cache[key] = value
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return value
 
     # ------------------------------------------------------------------ caseload
     def options(self, viewer: Viewer) -> dict[str, list[str]]:
@@ -76,6 +108,13 @@ class DataAccess:
         if not may_see_clients(viewer):
             return pd.DataFrame()
         today = today or utcnow()
+        key = ("caseload", viewer.role, viewer.therapist_id, team, therapist, today.date())
+        frame: pd.DataFrame = self._cached(
+            key, lambda: self._caseload(viewer, team, therapist, today))
+        return frame.copy()
+
+    def _caseload(self, viewer: Viewer, team: str | None, therapist: str | None,
+                  today: datetime) -> pd.DataFrame:
         cond = episode_clause(viewer) & episodes.c.end_date.is_(None)
         if team:
             cond &= episodes.c.team == team
@@ -89,17 +128,27 @@ class DataAccess:
                 .join(clients, clients.c.client_id == episodes.c.client_id)
                 .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
                 .where(cond))
-            ids = ep["episode_id"].tolist()
-            oc = self._in(conn, sa.select(
+            # Join on the same access clause instead of long IN lists.
+            vis = sa.select(episodes.c.episode_id).where(cond).subquery()
+            oc = _frame(conn, sa.select(
                 outcomes.c.episode_id, outcomes.c.measure, outcomes.c.last_score,
                 outcomes.c.change, outcomes.c.slope_week, outcomes.c.slope_ci_low,
-                outcomes.c.slope_ci_high, outcomes.c.last_at), outcomes.c.episode_id, ids)
-            fl = self._in(conn, sa.select(flags.c.episode_id, flags.c.kind, flags.c.severity)
-                          .where(flags.c.state == "open"), flags.c.episode_id, ids)
-            gs = self._in(conn, sa.select(goal_status.c.episode_id, goal_status.c.status),
-                          goal_status.c.episode_id, ids)
-            rv = self._in(conn, sa.select(reviews.c.episode_id, reviews.c.reviewed_at,
-                                          reviews.c.next_review), reviews.c.episode_id, ids)
+                outcomes.c.slope_ci_high)
+                .join(vis, vis.c.episode_id == outcomes.c.episode_id)
+                .where(outcomes.c.measure.in_([self.settings.depression_measure,
+                                               self.settings.anxiety_measure])))
+            # Counted in SQL: one row per episode x severity, not one per flag.
+            fl = _frame(conn, sa.select(
+                flags.c.episode_id, flags.c.severity, sa.func.count().label("n"),
+                sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"))
+                .join(vis, vis.c.episode_id == flags.c.episode_id)
+                .where(flags.c.state == "open")
+                .group_by(flags.c.episode_id, flags.c.severity))
+            gs = _frame(conn, sa.select(goal_status.c.episode_id, goal_status.c.status)
+                        .join(vis, vis.c.episode_id == goal_status.c.episode_id))
+            rv = _frame(conn, sa.select(reviews.c.episode_id, reviews.c.reviewed_at,
+                                        reviews.c.next_review)
+                        .join(vis, vis.c.episode_id == reviews.c.episode_id))
         out = ep.assign(client=(ep["given_name"].fillna("") + " " +
                                 ep["family_name"].fillna("")).str.strip())
         out["weeks"] = ((pd.Timestamp(today) - pd.to_datetime(out["start_date"])).dt.days
@@ -117,12 +166,13 @@ class DataAccess:
             trend[o["slope_week"].isna()] = "too few"
             trend[(trend == "") & o["slope_week"].notna()] = "flat"
             out[f"{key}_trend"] = out["episode_id"].map(trend)
-        counts = fl.groupby(["episode_id", "severity"]).size().unstack(fill_value=0)
+        counts = fl.pivot_table(index="episode_id", columns="severity", values="n",
+                                aggfunc="sum", fill_value=0)
         for sev in ("urgent", "review", "info"):
             out[f"flags_{sev}"] = out["episode_id"].map(
                 counts[sev] if sev in counts else pd.Series(dtype="int64")).fillna(0) \
                 .astype(int)
-        risk = set(fl.loc[fl["kind"] == "risk_item", "episode_id"])
+        risk = set(fl.loc[fl["risk"] == 1, "episode_id"])
         out["risk"] = out["episode_id"].isin(risk)
         worst = {"overdue": 0, "at_risk": 1, "no_data": 2, "on_track": 3, "met": 4}
         g = gs.assign(rank=gs["status"].map(worst)).sort_values("rank") \
@@ -207,6 +257,10 @@ class DataAccess:
         """SPEC §5 rates overall, by team, by therapist and by month (of the end date)."""
         if not may_see_service(viewer):
             return None
+        result: dict[str, pd.DataFrame] = self._cached(("service",), self._service)
+        return result
+
+    def _service(self) -> dict[str, pd.DataFrame]:
         ef = episode_flags(self.store, self.settings, self.registry)
         ef["month"] = pd.to_datetime(ef["end_date"]).dt.strftime("%Y-%m")
         out = {"overall": service_metrics(ef)}
@@ -214,15 +268,22 @@ class DataAccess:
             out[by] = service_metrics(ef[ef["finished"]], by=[by]) if ef["finished"].any() \
                 else pd.DataFrame()
         with self.store.engine.connect() as conn:
-            fl = _frame(conn, sa.select(flags.c.kind, flags.c.state, flags.c.first_raised,
-                                        flags.c.acknowledged_at))
-        hours = (pd.to_datetime(fl["acknowledged_at"]) - pd.to_datetime(fl["first_raised"])) \
+            counts = _frame(conn, sa.select(flags.c.kind, flags.c.state,
+                                            sa.func.count().label("n"))
+                            .group_by(flags.c.kind, flags.c.state))
+            acked = _frame(conn, sa.select(flags.c.kind, flags.c.first_raised,
+                                           flags.c.acknowledged_at)
+                           .where(flags.c.acknowledged_at.is_not(None)))
+        table = counts.pivot_table(index="kind", columns="state", values="n",
+                                   fill_value=0, aggfunc="sum")
+        for state in ("open", "acknowledged", "resolved"):
+            if state not in table.columns:
+                table[state] = 0
+        hours = (_ts(acked["acknowledged_at"]) - _ts(acked["first_raised"])) \
             .dt.total_seconds() / 3600
-        out["flags"] = fl.assign(hours=hours).groupby("kind").agg(
-            open=("state", lambda s: int((s == "open").sum())),
-            acknowledged=("state", lambda s: int((s == "acknowledged").sum())),
-            resolved=("state", lambda s: int((s == "resolved").sum())),
-            median_hours_to_review=("hours", "median")).reset_index()
+        table["median_hours_to_review"] = hours.groupby(acked["kind"]).median()
+        out["flags"] = table[["open", "acknowledged", "resolved",
+                              "median_hours_to_review"]].reset_index()
         return out
 
     @staticmethod

@@ -39,6 +39,7 @@ from pipeline.store import (
     expected_curves,
     goals,
     outcomes,
+    read_frame,
     reference_norms,
     reviews,
     sudden_changes,
@@ -76,14 +77,13 @@ class ComputeReport:
 def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
     cols = [administrations.c[c] for c in _ADMIN_COLS]
     if episode_ids is None:
-        rows = conn.execute(sa.select(*cols)).all()
+        df = read_frame(conn, sa.select(*cols))
     else:
-        rows = []
-        for i in range(0, len(episode_ids), 900):
-            part = episode_ids[i:i + 900]
-            rows.extend(conn.execute(sa.select(*cols).where(
-                administrations.c.episode_id.in_(part))).all())
-    df = pd.DataFrame(rows, columns=_ADMIN_COLS)
+        parts = [read_frame(conn, sa.select(*cols).where(
+            administrations.c.episode_id.in_(episode_ids[i:i + 900])))
+            for i in range(0, len(episode_ids), 900)]
+        df = pd.concat(parts, ignore_index=True) if parts else \
+            pd.DataFrame(columns=_ADMIN_COLS)
     df["administered_at"] = pd.to_datetime(df["administered_at"]).astype("datetime64[us]")
     df["score"] = df["score"].astype("int64")
     df["session_number"] = df["session_number"].astype("Int64")
@@ -170,7 +170,7 @@ def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = Non
            ) -> pd.DataFrame:
     cols = [table.c[c] for c in columns] if columns else list(table.c)
     names = [c.name for c in cols]
-    return pd.DataFrame(conn.execute(sa.select(*cols)).all(), columns=names)
+    return read_frame(conn, sa.select(*cols)).reindex(columns=names)
 
 
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.stats.service import episode_service_outcomes, metrics_record, service_metrics
-from pipeline.store import Store, episodes, outcomes
+from pipeline.store import Store, episodes, outcomes, read_frame
 
 __all__ = ["episode_flags", "service_report"]
 
@@ -19,16 +19,13 @@ __all__ = ["episode_flags", "service_report"]
 def episode_flags(store: Store, settings: Settings, registry: Registry) -> pd.DataFrame:
     """Per-episode SPEC §5 flags for every episode, with team/therapist/end date."""
     with store.engine.connect() as conn:
-        ep = pd.DataFrame(conn.execute(sa.select(
+        ep = read_frame(conn, sa.select(
             episodes.c.episode_id, episodes.c.therapist_id, episodes.c.team,
-            episodes.c.start_date, episodes.c.end_date, episodes.c.end_reason)).all(),
-            columns=["episode_id", "therapist_id", "team", "start_date", "end_date",
-                     "end_reason"])
-        paired = pd.DataFrame(conn.execute(sa.select(
+            episodes.c.start_date, episodes.c.end_date, episodes.c.end_reason))
+        paired = read_frame(conn, sa.select(
             outcomes.c.episode_id, outcomes.c.measure, outcomes.c.n, outcomes.c.first_score,
             outcomes.c.last_score).where(outcomes.c.measure.in_(
-                [settings.depression_measure, settings.anxiety_measure]))).all(),
-            columns=["episode_id", "measure", "n", "first_score", "last_score"])
+                [settings.depression_measure, settings.anxiety_measure])))
     dep = registry[settings.depression_measure]
     anx = registry[settings.anxiety_measure]
     dep_case = settings.caseness(dep.caseness_setting, dep.caseness_cutoff)

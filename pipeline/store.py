@@ -23,6 +23,7 @@ from pipeline.errors import StoreError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "read_frame",
     "Store",
     "metadata",
 ]
@@ -492,6 +493,19 @@ class Store:
         conn.execute(plans.insert(), plan_rows)
         cols = [c.name for c in goals.c]
         conn.execute(goals.insert(), _records(frame[cols]))
+
+
+def read_frame(conn: Connection, query: Any) -> pd.DataFrame:
+    """Run a SELECT and return a DataFrame, fast.
+
+    Rows become plain tuples first: pandas treats SQLAlchemy ``Row`` objects as mappings
+    and probes their keys, which costs several times the query itself.
+    """
+    res = conn.execute(query)
+    cols = list(res.keys())
+    rows = [tuple(r) for r in res.fetchall()]
+    return pd.DataFrame.from_records(rows, columns=cols, coerce_float=False) if rows \
+        else pd.DataFrame(columns=cols)
 
 
 def _parts(ids: Sequence[str], size: int = 900) -> Iterator[list[str]]:

@@ -1,0 +1,76 @@
+"""Benchmark: the dashboard's caseload and service-outcome data callbacks on a large store.
+
+Builds (or reuses) a store of N synthetic episodes (default 100,000) through the real
+ingest and compute, then times the data-access calls behind the caseload grid (a director
+seeing every open episode, and a therapist) and the service-outcomes page, reporting the
+median of several calls.
+
+Run: ``.venv/bin/python benchmarks/bench_dashboard.py [--episodes N] [--repeat 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from dashboard.access import Viewer
+from dashboard.data import DataAccess
+from pipeline.compute import compute
+from pipeline.config import Settings
+from pipeline.ingest.batch import ingest_paths
+from pipeline.scales import load_registry
+from pipeline.store import Store, episodes
+from pipeline.synth import SynthConfig, write_sample
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--episodes", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dir", default="benchmarks/_data/dashboard")
+    args = ap.parse_args()
+    d = Path(args.dir) / str(args.episodes)
+    settings = Settings(database_url=f"sqlite:///{d}/store.db")
+    reg = load_registry()
+    store = Store(settings.resolved_database_url)
+    if not (d / "store.db").exists():
+        t = time.perf_counter()
+        write_sample(d, SynthConfig(episodes=args.episodes, therapists=max(15, args.episodes
+                                                                           // 300)))
+        store.init()
+        ingest_paths([d / "input"], store, settings, reg)
+        compute(store, settings, reg, full=True)
+        print(f"built the store in {time.perf_counter() - t:.0f} s")
+    store.init()
+    data = DataAccess(store, settings, reg)
+    with store.engine.connect() as conn:
+        tid = conn.execute(sa.select(episodes.c.therapist_id).limit(1)).scalar_one()
+        n_open = conn.execute(sa.select(sa.func.count()).select_from(episodes).where(
+            episodes.c.end_date.is_(None))).scalar_one()
+    cases = {
+        "caseload (director, all open episodes)": lambda: data.caseload(
+            Viewer("d", "director")),
+        "caseload (therapist)": lambda: data.caseload(Viewer("t", "therapist", tid)),
+        "service outcomes": lambda: data.service(Viewer("d", "director")),
+    }
+    print(f"store: {args.episodes:,} episodes, {n_open:,} open")
+    for name, fn in cases.items():
+        for label, clear in (("cold (cache empty)", True), ("warm (cached)", False)):
+            times = []
+            for _ in range(args.repeat):
+                if clear:
+                    data._cache.clear()
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            print(f"{name:40} {label:19} median {1000 * statistics.median(times):7.0f} ms "
+                  f"(min {1000 * min(times):.0f}, max {1000 * max(times):.0f}, "
+                  f"n={args.repeat})")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,15 +19,15 @@ from flask import current_app
 
 from dashboard.access import Viewer, episode_clause, may_see_clients, may_see_service
 from pipeline.config import Settings
-from pipeline.report import episode_flags
 from pipeline.scales import Registry
-from pipeline.stats.service import METRICS, service_metrics
+from pipeline.stats.service import METRICS, rates_from_counts
 from pipeline.store import (
     Store,
     administrations,
     batches,
     clients,
     compute_runs,
+    episode_service,
     episodes,
     expected_curves,
     flags,
@@ -39,6 +39,9 @@ from pipeline.store import (
     sudden_changes,
     therapists,
     utcnow,
+)
+from pipeline.store import (
+    caseload as caseload_table,
 )
 
 __all__ = ["DataAccess", "get_data"]
@@ -120,68 +123,47 @@ class DataAccess:
             cond &= episodes.c.team == team
         if therapist:
             cond &= episodes.c.therapist_id == therapist
+        # IN (subquery) lets the database drive from the few visible open episodes
+        # through each table's episode index.
+        visible = sa.select(episodes.c.episode_id).where(cond).scalar_subquery()
         with self.store.engine.connect() as conn:
-            ep = _frame(conn, sa.select(
+            out = _frame(conn, sa.select(
                 episodes.c.episode_id, episodes.c.team, episodes.c.therapist_id,
                 episodes.c.start_date, clients.c.given_name, clients.c.family_name,
-                therapists.c.name.label("therapist"))
+                therapists.c.name.label("therapist"),
+                *[c for c in caseload_table.c if c.name not in ("episode_id", "run_id")])
                 .join(clients, clients.c.client_id == episodes.c.client_id)
                 .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
+                .outerjoin(caseload_table, caseload_table.c.episode_id == episodes.c.episode_id)
                 .where(cond))
-            # Join on the same access clause instead of long IN lists.
-            vis = sa.select(episodes.c.episode_id).where(cond).subquery()
-            oc = _frame(conn, sa.select(
-                outcomes.c.episode_id, outcomes.c.measure, outcomes.c.last_score,
-                outcomes.c.change, outcomes.c.slope_week, outcomes.c.slope_ci_low,
-                outcomes.c.slope_ci_high)
-                .join(vis, vis.c.episode_id == outcomes.c.episode_id)
-                .where(outcomes.c.measure.in_([self.settings.depression_measure,
-                                               self.settings.anxiety_measure])))
-            # Counted in SQL: one row per episode x severity, not one per flag.
+            # Flags and reviews are read live: a review or a risk answer changes them
+            # between computes. Counted in SQL: one row per episode x severity.
             fl = _frame(conn, sa.select(
                 flags.c.episode_id, flags.c.severity, sa.func.count().label("n"),
                 sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"))
-                .join(vis, vis.c.episode_id == flags.c.episode_id)
-                .where(flags.c.state == "open")
+                .where(flags.c.episode_id.in_(visible) & (flags.c.state == "open"))
                 .group_by(flags.c.episode_id, flags.c.severity))
-            gs = _frame(conn, sa.select(goal_status.c.episode_id, goal_status.c.status)
-                        .join(vis, vis.c.episode_id == goal_status.c.episode_id))
-            rv = _frame(conn, sa.select(reviews.c.episode_id, reviews.c.reviewed_at,
-                                        reviews.c.next_review)
-                        .join(vis, vis.c.episode_id == reviews.c.episode_id))
-        out = ep.assign(client=(ep["given_name"].fillna("") + " " +
-                                ep["family_name"].fillna("")).str.strip())
-        out["weeks"] = ((pd.Timestamp(today) - pd.to_datetime(out["start_date"])).dt.days
-                        // 7).astype("Int64")
-        for m in (self.settings.depression_measure, self.settings.anxiety_measure):
-            o = oc[oc["measure"] == m].set_index("episode_id")
-            key = m.lower().replace("-", "")
-            out[f"{key}_latest"] = out["episode_id"].map(o["last_score"]).astype("Int64")
-            out[f"{key}_change"] = out["episode_id"].map(o["change"])
-            out[f"{key}_band"] = out[f"{key}_latest"].map(
-                lambda v, s=self.registry[m]: s.band_of(v) if pd.notna(v) else None)
-            trend = pd.Series("", index=o.index, dtype="str")
-            trend[o["slope_ci_high"] < 0] = "improving"
-            trend[o["slope_ci_low"] > 0] = "worsening"
-            trend[o["slope_week"].isna()] = "too few"
-            trend[(trend == "") & o["slope_week"].notna()] = "flat"
-            out[f"{key}_trend"] = out["episode_id"].map(trend)
+            rv = _frame(conn, sa.select(
+                reviews.c.episode_id, sa.func.max(reviews.c.reviewed_at).label("reviewed_at"),
+                sa.func.max(reviews.c.review_id).label("review_id"))
+                .where(reviews.c.episode_id.in_(visible)).group_by(reviews.c.episode_id))
+            nxt = _frame(conn, sa.select(reviews.c.review_id, reviews.c.next_review).where(
+                reviews.c.review_id.in_(rv["review_id"].astype(int).tolist()))) \
+                if not rv.empty else pd.DataFrame(columns=["review_id", "next_review"])
+        out["client"] = (out["given_name"].fillna("") + " " +
+                         out["family_name"].fillna("")).str.strip()
+        out["weeks"] = ((pd.Timestamp(today) - _ts(out["start_date"])).dt.days // 7) \
+            .astype("Int64")
         counts = fl.pivot_table(index="episode_id", columns="severity", values="n",
                                 aggfunc="sum", fill_value=0)
         for sev in ("urgent", "review", "info"):
             out[f"flags_{sev}"] = out["episode_id"].map(
                 counts[sev] if sev in counts else pd.Series(dtype="int64")).fillna(0) \
                 .astype(int)
-        risk = set(fl.loc[fl["risk"] == 1, "episode_id"])
-        out["risk"] = out["episode_id"].isin(risk)
-        worst = {"overdue": 0, "at_risk": 1, "no_data": 2, "on_track": 3, "met": 4}
-        g = gs.assign(rank=gs["status"].map(worst)).sort_values("rank") \
-            .drop_duplicates("episode_id").set_index("episode_id")["status"]
-        out["goal_status"] = out["episode_id"].map(g)
-        last = rv.sort_values("reviewed_at").drop_duplicates("episode_id", keep="last") \
-            .set_index("episode_id")
-        base = _ts(out["episode_id"].map(last["reviewed_at"])).fillna(_ts(out["start_date"]))
-        due = _ts(out["episode_id"].map(last["next_review"])).fillna(
+        out["risk"] = out["episode_id"].isin(set(fl.loc[fl["risk"] == 1, "episode_id"]))
+        rv = rv.merge(nxt, on="review_id", how="left").set_index("episode_id")
+        base = _ts(out["episode_id"].map(rv["reviewed_at"])).fillna(_ts(out["start_date"]))
+        due = _ts(out["episode_id"].map(rv["next_review"])).fillna(
             base + pd.Timedelta(weeks=self.settings.review_overdue_weeks))
         out["next_review"] = due.dt.strftime("%Y-%m-%d")
         out = out.sort_values(["risk", "flags_urgent", "flags_review", "weeks"],
@@ -261,12 +243,19 @@ class DataAccess:
         return result
 
     def _service(self) -> dict[str, pd.DataFrame]:
-        ef = episode_flags(self.store, self.settings, self.registry)
-        ef["month"] = pd.to_datetime(ef["end_date"]).dt.strftime("%Y-%m")
-        out = {"overall": service_metrics(ef)}
-        for by in ("team", "therapist_id", "month"):
-            out[by] = service_metrics(ef[ef["finished"]], by=[by]) if ef["finished"].any() \
-                else pd.DataFrame()
+        es = episode_service
+        sums = [sa.func.coalesce(sa.func.sum(es.c.finished), 0).label("finished_episodes"),
+                *[sa.func.coalesce(sa.func.sum(es.c[m]), 0).label(m)
+                  for m in ("at_caseness", *METRICS)]]
+        out: dict[str, pd.DataFrame] = {}
+        with self.store.engine.connect() as conn:
+            # Per-episode SPEC §5 flags are written by compute; here they are only summed.
+            out["overall"] = rates_from_counts(_frame(conn, sa.select(*sums)))
+            for key, col in (("team", es.c.team), ("therapist_id", es.c.therapist_id),
+                             ("month", es.c.end_month)):
+                agg = _frame(conn, sa.select(col.label(key), *sums).where(es.c.finished == 1)
+                             .group_by(col).order_by(col))
+                out[key] = rates_from_counts(agg) if not agg.empty else pd.DataFrame()
         with self.store.engine.connect() as conn:
             counts = _frame(conn, sa.select(flags.c.kind, flags.c.state,
                                             sa.func.count().label("n"))
@@ -303,10 +292,11 @@ class DataAccess:
                           .limit(20))
             missing = _frame(conn, sa.select(flags.c.episode_id, flags.c.message).where(
                 (flags.c.kind == "missing_measures") & (flags.c.state == "open")))
-        ef = episode_flags(self.store, self.settings, self.registry)
-        ended = ef[ef["end_date"].notna()]
-        comp = ended.groupby("team", dropna=False).agg(
-            ended=("episode_id", "size"), with_paired_scores=("finished", "sum")).reset_index()
+            es = episode_service
+            comp = _frame(conn, sa.select(
+                es.c.team, sa.func.count().label("ended"),
+                sa.func.sum(es.c.finished).label("with_paired_scores"))
+                .where(es.c.end_month.is_not(None)).group_by(es.c.team).order_by(es.c.team))
         comp["completeness"] = comp["with_paired_scores"] / comp["ended"]
         return {"batches": bt, "quarantine": q, "completeness": comp, "runs": runs,
                 "missing": missing}

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from pipeline import flags as flag_rules
 from pipeline.config import Settings
 from pipeline.goals import goal_status
+from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
 from pipeline.stats.curves import (
     DEFAULT_PERCENTILE,
@@ -45,12 +46,14 @@ from pipeline.store import (
     sudden_changes,
     utcnow,
 )
-from pipeline.store import (
-    goal_status as goal_status_table,
-)
+from pipeline.store import caseload as caseload_table
+from pipeline.store import episode_service as episode_service_table
+from pipeline.store import goal_status as goal_status_table
 
 __all__ = ["ComputeReport", "build_reference", "compute"]
 
+_SERVICE_FLAGS = ["finished", "at_caseness", "recovered", "reliably_improved",
+                  "reliably_deteriorated", "reliably_recovered"]
 _ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score"]
 
 
@@ -280,6 +283,20 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         if not inp.goals.empty:
             conn.execute(goal_status_table.insert(),
                          _to_rows(inp.goals, goal_status_table, run_id))
+        open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
+        summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
+        conn.execute(caseload_table.delete())
+        if not summary.empty:
+            conn.execute(caseload_table.insert(), _to_rows(summary, caseload_table, run_id))
+        svc = episode_flags_from(inp.episodes.merge(
+            read_frame(conn, sa.select(episodes.c.episode_id, episodes.c.team)),
+            on="episode_id"), inp.outcomes, settings, registry)
+        svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
+        conn.execute(episode_service_table.delete())
+        if not svc.empty:
+            conn.execute(episode_service_table.insert(),
+                         _to_rows(svc.astype({c: "int64" for c in _SERVICE_FLAGS}),
+                                  episode_service_table, run_id))
         timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(

@@ -277,6 +277,31 @@ goal_status = sa.Table(
     sa.Column("run_id", sa.Integer, nullable=False),
 )
 
+caseload = sa.Table(
+    "caseload", metadata,
+    # One row per open episode, written by compute: what the caseload grid shows about
+    # outcomes and goals (flags and reviews are read live, they change between computes).
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    *[sa.Column(f"{side}_{col}", typ) for side in ("dep", "anx") for col, typ in (
+        ("latest", sa.Integer), ("band", sa.String(40)), ("change", sa.Float),
+        ("trend", sa.String(20)))],
+    sa.Column("goal_status", sa.String(20)),
+    sa.Column("run_id", sa.Integer, nullable=False),
+)
+
+episode_service = sa.Table(
+    "episode_service", metadata,
+    # Per episode, written by compute: the SPEC §5 flags behind the service outcomes.
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("team", sa.String(200)),
+    sa.Column("therapist_id", sa.String(200), index=True),
+    sa.Column("end_month", sa.String(7)),
+    *[sa.Column(c, sa.Integer, nullable=False) for c in (
+        "finished", "at_caseness", "recovered", "reliably_improved",
+        "reliably_deteriorated", "reliably_recovered")],
+    sa.Column("run_id", sa.Integer, nullable=False),
+)
+
 users = sa.Table(
     "users", metadata,
     sa.Column("user_id", sa.Integer, primary_key=True, autoincrement=True),

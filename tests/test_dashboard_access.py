@@ -168,3 +168,21 @@ def test_client_view_is_audited_and_renders(env: dict[str, Any]) -> None:
     log = env["store"].read_table("audit_log")
     assert ((log["action"] == "view_client") & (log["target"] == own)).any()
     assert not (log["target"] == foreign).any()
+
+
+def test_service_page_numbers_equal_the_report(env: dict[str, Any]) -> None:
+    from pipeline.report import service_report
+    from pipeline.scales import load_registry
+
+    data: DataAccess = env["app"].server.config["ONTRACK_DATA"]
+    s = data.service(_viewer(env, "director"))
+    assert s is not None
+    rep = service_report(env["store"], env["settings"], load_registry())
+    overall = s["overall"].iloc[0]
+    for key in ("finished_episodes", "at_caseness", "recovered", "reliably_improved",
+                "reliably_deteriorated", "reliably_recovered"):
+        assert int(overall[key]) == rep[key], key
+    assert float(overall["recovered_rate"]) == pytest.approx(rep["recovered_rate"])
+    # Team rows add up to the whole.
+    assert int(s["team"]["finished_episodes"].sum()) == rep["finished_episodes"]
+    assert data.service(_viewer(env, "therapist")) is None

@@ -30,7 +30,7 @@ _ARROWS = {"improving": "↓ improving", "worsening": "↑ worsening", "flat": "
            "too few": "· too few"}
 
 
-def columns() -> list[dict[str, Any]]:
+def columns(dep: str = "PHQ-9", anx: str = "GAD-7") -> list[dict[str, Any]]:
     return [
         {"field": "risk_label", "headerName": "Risk", "width": 90,
          "cellStyle": {"styleConditions": [{"condition": "params.value == 'RISK'",
@@ -42,11 +42,13 @@ def columns() -> list[dict[str, Any]]:
         {"field": "therapist", "headerName": "Therapist"},
         {"field": "team", "headerName": "Team", "width": 110},
         {"field": "weeks", "headerName": "Weeks", "width": 95, "filter": "agNumberColumnFilter"},
-        {"field": "phq9_latest", "headerName": "PHQ-9", "width": 95, "cellStyle": _band_style("phq9_band")},
-        {"field": "phq9_change", "headerName": "Δ PHQ-9", "width": 105},
-        {"field": "phq9_trend_label", "headerName": "PHQ-9 trend", "width": 130},
-        {"field": "gad7_latest", "headerName": "GAD-7", "width": 95, "cellStyle": _band_style("gad7_band")},
-        {"field": "gad7_change", "headerName": "Δ GAD-7", "width": 105},
+        {"field": "dep_latest", "headerName": dep, "width": 95,
+         "cellStyle": _band_style("dep_band")},
+        {"field": "dep_change", "headerName": f"Δ {dep}", "width": 105},
+        {"field": "dep_trend_label", "headerName": f"{dep} trend", "width": 130},
+        {"field": "anx_latest", "headerName": anx, "width": 95,
+         "cellStyle": _band_style("anx_band")},
+        {"field": "anx_change", "headerName": f"Δ {anx}", "width": 105},
         {"field": "goal_status", "headerName": "Goals", "width": 115},
         {"field": "flags_urgent", "headerName": "Urgent", "width": 100,
          "cellStyle": {"styleConditions": [{"condition": "params.value > 0",
@@ -66,7 +68,7 @@ def rows(viewer: Viewer, team: str | None, therapist: str | None) -> list[dict[s
         risk_label=df["risk"].map({True: "RISK", False: ""}),
         client_link="[" + df["client"].str.replace("[", "", regex=False) + "](/client/" +
         df["episode_id"] + ")",
-        phq9_trend_label=df["phq9_trend"].map(_ARROWS),
+        dep_trend_label=df["dep_trend"].map(_ARROWS),
     )
     out = df.astype(object).where(df.notna(), None)
     return [{str(k): v for k, v in r.items()} for r in out.to_dict(orient="records")]
@@ -92,7 +94,9 @@ def layout(**_: Any) -> Any:
                "score.", className="text-muted"),
         filters,
         html.Div(f"{len(data)} open episodes", id=ids.CASELOAD_COUNT, className="mb-1"),
-        dag.AgGrid(id=ids.CASELOAD_GRID, rowData=data, columnDefs=columns(),
+        dag.AgGrid(id=ids.CASELOAD_GRID, rowData=data,
+                   columnDefs=columns(get_data().settings.depression_measure,
+                                      get_data().settings.anxiety_measure),
                    defaultColDef={"sortable": True, "filter": True, "resizable": True},
                    dashGridOptions={"pagination": True, "paginationPageSize": 25,
                                     "paginationPageSizeSelector": [25, 50, 100],

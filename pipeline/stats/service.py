@@ -28,8 +28,8 @@ import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
-__all__ = ["METRICS", "episode_service_outcomes", "funnel_limits", "service_metrics",
-           "wilson_interval"]
+__all__ = ["METRICS", "episode_service_outcomes", "funnel_limits", "rates_from_counts",
+           "service_metrics", "wilson_interval"]
 
 #: metric -> (numerator flag, denominator flag)
 METRICS = {
@@ -153,7 +153,16 @@ def service_metrics(flags: pd.DataFrame, by: list[str] | None = None,
         agg = data.groupby(by, observed=True, dropna=False)[cols].sum().reset_index()
     else:
         agg = data.sum().to_frame().T
-    agg = agg.rename(columns={"finished": "finished_episodes"})
+    return rates_from_counts(agg.rename(columns={"finished": "finished_episodes"}), alpha)
+
+
+def rates_from_counts(agg: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Add ``*_rate``, ``*_ci_low``, ``*_ci_high`` to summed SPEC §5 counts.
+
+    ``agg`` has ``finished_episodes``, ``at_caseness`` and one count column per metric
+    (e.g. summed in SQL); rates use the SPEC §5 denominators, intervals are Wilson.
+    """
+    agg = agg.copy()
     counts = ["finished_episodes", "at_caseness", *METRICS]
     agg[counts] = agg[counts].astype(np.int64)
     denominators = {"finished": agg["finished_episodes"], "at_caseness": agg["at_caseness"]}

@@ -54,8 +54,8 @@ def _ts(values: pd.Series) -> pd.Series:
     return pd.to_datetime(values).astype("datetime64[us]")
 
 
-def _frame(conn: sa.Connection, query: sa.Select[Any]) -> pd.DataFrame:
-    return read_frame(conn, query)
+def _frame(conn: sa.Connection, query: sa.Select[Any], raw: bool = False) -> pd.DataFrame:
+    return read_frame(conn, query, raw=raw)
 
 
 @dataclass
@@ -135,14 +135,14 @@ class DataAccess:
                 .join(clients, clients.c.client_id == episodes.c.client_id)
                 .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
                 .outerjoin(caseload_table, caseload_table.c.episode_id == episodes.c.episode_id)
-                .where(cond))
+                .where(cond), raw=True)
             # Flags and reviews are read live: a review or a risk answer changes them
             # between computes. Counted in SQL: one row per episode x severity.
             fl = _frame(conn, sa.select(
                 flags.c.episode_id, flags.c.severity, sa.func.count().label("n"),
                 sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"))
                 .where(flags.c.episode_id.in_(visible) & (flags.c.state == "open"))
-                .group_by(flags.c.episode_id, flags.c.severity))
+                .group_by(flags.c.episode_id, flags.c.severity), raw=True)
             rv = _frame(conn, sa.select(
                 reviews.c.episode_id, sa.func.max(reviews.c.reviewed_at).label("reviewed_at"),
                 sa.func.max(reviews.c.review_id).label("review_id"))
@@ -244,18 +244,24 @@ class DataAccess:
 
     def _service(self) -> dict[str, pd.DataFrame]:
         es = episode_service
-        sums = [sa.func.coalesce(sa.func.sum(es.c.finished), 0).label("finished_episodes"),
-                *[sa.func.coalesce(sa.func.sum(es.c[m]), 0).label(m)
-                  for m in ("at_caseness", *METRICS)]]
-        out: dict[str, pd.DataFrame] = {}
+        cols = ["finished", "at_caseness", *METRICS]
         with self.store.engine.connect() as conn:
             # Per-episode SPEC §5 flags are written by compute; here they are only summed.
-            out["overall"] = rates_from_counts(_frame(conn, sa.select(*sums)))
-            for key, col in (("team", es.c.team), ("therapist_id", es.c.therapist_id),
-                             ("month", es.c.end_month)):
-                agg = _frame(conn, sa.select(col.label(key), *sums).where(es.c.finished == 1)
-                             .group_by(col).order_by(col))
-                out[key] = rates_from_counts(agg) if not agg.empty else pd.DataFrame()
+            # Summed in SQL down to team x therapist x month x finished cells.
+            keys = [es.c.team, es.c.therapist_id, es.c.end_month]
+            ep = _frame(conn, sa.select(
+                es.c.team, es.c.therapist_id, es.c.end_month.label("month"),
+                *[sa.func.sum(es.c[c]).label(c) for c in cols])
+                .group_by(*keys, es.c.finished), raw=True)
+        ep[cols] = ep[cols].astype("int64")
+        out: dict[str, pd.DataFrame] = {}
+        total = ep[cols].sum().to_frame().T.rename(columns={"finished": "finished_episodes"})
+        out["overall"] = rates_from_counts(total)
+        done = ep[ep["finished"] > 0]
+        for key in ("team", "therapist_id", "month"):
+            agg = done.groupby(key)[cols].sum().reset_index() \
+                .rename(columns={"finished": "finished_episodes"})
+            out[key] = rates_from_counts(agg) if not agg.empty else pd.DataFrame()
         with self.store.engine.connect() as conn:
             counts = _frame(conn, sa.select(flags.c.kind, flags.c.state,
                                             sa.func.count().label("n"))

@@ -241,6 +241,7 @@ flags = sa.Table(
     sa.Column("review_id", sa.Integer),
     sa.Column("resolved_at", sa.DateTime),
     sa.UniqueConstraint("episode_id", "measure", "kind", "key", name="uq_flag"),
+    sa.Index("ix_flags_kind_state", "kind", "state"),
 )
 
 reviews = sa.Table(
@@ -520,15 +521,22 @@ class Store:
         conn.execute(goals.insert(), _records(frame[cols]))
 
 
-def read_frame(conn: Connection, query: Any) -> pd.DataFrame:
+def read_frame(conn: Connection, query: Any, raw: bool = False) -> pd.DataFrame:
     """Run a SELECT and return a DataFrame, fast.
 
     Rows become plain tuples first: pandas treats SQLAlchemy ``Row`` objects as mappings
-    and probes their keys, which costs several times the query itself.
+    and probes their keys, which costs several times the query itself. With ``raw`` the
+    DBAPI's own tuples are used, skipping SQLAlchemy's type processing: dates and
+    booleans then arrive as the driver gives them (SQLite: ISO strings and 0/1), for
+    callers that convert columns with pandas anyway.
     """
     res = conn.execute(query)
     cols = list(res.keys())
-    rows = [tuple(r) for r in res.fetchall()]
+    if raw:
+        rows = res.cursor.fetchall()
+        res.close()
+    else:
+        rows = [tuple(r) for r in res.fetchall()]
     return pd.DataFrame.from_records(rows, columns=cols, coerce_float=False) if rows \
         else pd.DataFrame(columns=cols)
 

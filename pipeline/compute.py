@@ -176,31 +176,62 @@ def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = Non
     return read_frame(conn, sa.select(*cols)).reindex(columns=names)
 
 
+def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
+            ids: list[str] | None) -> pd.DataFrame:
+    """A table (some columns), restricted to some episodes when ``ids`` is given."""
+    if ids is None:
+        return _table(conn, table, columns)
+    cols = [table.c[c] for c in columns] if columns else list(table.c)
+    parts = [read_frame(conn, sa.select(*cols).where(table.c.episode_id.in_(ids[i:i + 900])))
+             for i in range(0, len(ids), 900)]
+    names = [c.name for c in cols]
+    if not parts:
+        return pd.DataFrame(columns=names)
+    return pd.concat(parts, ignore_index=True).reindex(columns=names)
+
+
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
-               today: datetime) -> flag_rules.RuleInput:
-    """Read what the flag rules need from the store (outcomes must be current)."""
-    out = _table(conn, outcomes)
+               today: datetime, episode_ids: list[str] | None = None
+               ) -> flag_rules.RuleInput:
+    """Read what the flag rules need from the store (outcomes must be current), for
+    every episode or only ``episode_ids``."""
+    out = _scoped(conn, outcomes, None, episode_ids)
     for c in ("first_at", "last_at"):
         out[c] = pd.to_datetime(out[c])
-    adm = _table(conn, administrations, ["episode_id", "measure", "administered_at",
-                                         "session_number", "score", "risk", "risk_value"])
+    adm = _scoped(conn, administrations, ["episode_id", "measure", "administered_at",
+                                          "session_number", "score", "risk", "risk_value"],
+                  episode_ids)
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
-    eps = _table(conn, episodes, ["episode_id", "therapist_id", "start_date", "end_date"])
-    sud = _table(conn, sudden_changes)
-    gl = _table(conn, goals)
+    eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
+                                   "end_date"], episode_ids)
+    sud = _scoped(conn, sudden_changes, None, episode_ids)
+    gl = _scoped(conn, goals, None, episode_ids)
     if not gl.empty:
         latest = gl.groupby("episode_id")["plan_version"].transform("max")
         gl = gl[gl["plan_version"] == latest]
+        gl = gl.merge(eps[["episode_id", "end_date"]], on="episode_id", how="left")
         gl = goal_status(gl, adm, out, registry, settings, today)
         gl = gl.merge(out[["episode_id", "measure", "last_at"]].rename(
             columns={"last_at": "_last"}), on=["episode_id", "measure"], how="left")
         if "last_at" not in gl.columns:
             gl["last_at"] = gl["_last"]
         gl = gl.drop(columns="_last")
-    rev = _table(conn, reviews)
+    rev = _scoped(conn, reviews, None, episode_ids)
     return flag_rules.RuleInput(outcomes=out, administrations=adm, episodes=eps, sudden=sud,
                                 goals=gl, reviews=rev, registry=registry, settings=settings,
                                 today=today)
+
+
+def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
+             scope: list[str] | None, run_id: int) -> None:
+    """Replace a per-episode table's rows for the scope (all rows when None)."""
+    if scope is None:
+        conn.execute(table.delete())
+    else:
+        for i in range(0, len(scope), 900):
+            conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900])))
+    if not frame.empty:
+        conn.execute(table.insert(), _to_rows(frame, table, run_id))
 
 
 def compute(store: Store, settings: Settings, registry: Registry, *, full: bool = False,
@@ -277,26 +308,29 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         timings["write"] = time.perf_counter() - t3
 
         t4 = time.perf_counter()
-        inp = rule_input(conn, registry, settings, now)
-        flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now)
-        conn.execute(goal_status_table.delete())
-        if not inp.goals.empty:
-            conn.execute(goal_status_table.insert(),
-                         _to_rows(inp.goals, goal_status_table, run_id))
+        # Flags, goal status and the per-episode summaries: every episode on a full run;
+        # otherwise the affected episodes plus every open one (date-based rules move on
+        # with the clock). Closed, unaffected episodes cannot change, so the result is
+        # the same as a full evaluation.
+        if ids is None:
+            scope: list[str] | None = None
+        else:
+            open_ids = [r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
+                episodes.c.end_date.is_(None)))]
+            scope = sorted(set(ids) | set(open_ids))
+        inp = rule_input(conn, registry, settings, now, scope)
+        flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
+                                         episodes=None if scope is None else set(scope))
+        _replace(conn, goal_status_table, inp.goals, scope, run_id)
         open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
         summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
-        conn.execute(caseload_table.delete())
+        conn.execute(caseload_table.delete())  # only open episodes: always all of them
         if not summary.empty:
             conn.execute(caseload_table.insert(), _to_rows(summary, caseload_table, run_id))
-        svc = episode_flags_from(inp.episodes.merge(
-            read_frame(conn, sa.select(episodes.c.episode_id, episodes.c.team)),
-            on="episode_id"), inp.outcomes, settings, registry)
+        svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
-        conn.execute(episode_service_table.delete())
-        if not svc.empty:
-            conn.execute(episode_service_table.insert(),
-                         _to_rows(svc.astype({c: "int64" for c in _SERVICE_FLAGS}),
-                                  episode_service_table, run_id))
+        _replace(conn, episode_service_table,
+                 svc.astype({c: "int64" for c in _SERVICE_FLAGS}), scope, run_id)
         timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(

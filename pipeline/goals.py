@@ -99,7 +99,8 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
         Per episode x measure: ``first_score, last_score, last_at, n, weeks,
         slope_week, slope_ci_low, slope_ci_high, stalled, not_on_track``.
     today
-        The date the status is judged on (naive UTC).
+        The date the status is judged on (naive UTC); for goals carrying an
+        ``end_date`` (closed episodes), the earlier of the two.
 
     Returns
     -------
@@ -147,8 +148,12 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
                                         unit="D")
     due_date = pd.to_datetime(g["due_date"])
     g["due_at"] = due_date.where(due_date.notna(), est_due.where(~np.isnan(due_session)))
-    today_ts = pd.Timestamp(today)
-    past_due = (due_date.notna() & (due_date < today_ts.normalize())).to_numpy() | \
+    # A closed episode's goals are judged as of its end: the clock stops with the episode.
+    as_of = pd.Series(pd.Timestamp(today).normalize(), index=g.index)
+    if "end_date" in g.columns:
+        ended = pd.to_datetime(g["end_date"]).astype("datetime64[us]")
+        as_of = as_of.where(ended.isna() | (ended > as_of), ended)
+    past_due = (due_date.notna() & (due_date < as_of)).to_numpy() | \
         (~np.isnan(due_session) & (n >= due_session))
 
     # Projection from the latest score along the slope (points per week).

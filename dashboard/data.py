@@ -6,6 +6,7 @@ flags, goal status and curves come from ``ontrack compute``; service rates from
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from pipeline.store import (
     expected_curves,
     flags,
     goal_status,
+    job_runs,
     outcomes,
     quarantine,
     read_frame,
@@ -296,6 +298,12 @@ class DataAccess:
                        .group_by(quarantine.c.reason))
             runs = _frame(conn, sa.select(compute_runs).order_by(compute_runs.c.run_id.desc())
                           .limit(20))
+            cycles = _frame(conn, sa.select(
+                job_runs.c.run_id, job_runs.c.trigger, job_runs.c.status,
+                job_runs.c.started_at, job_runs.c.finished_at, job_runs.c.records,
+                job_runs.c.accepted, job_runs.c.duplicates, job_runs.c.quarantined,
+                job_runs.c.flags_raised, job_runs.c.files, job_runs.c.error)
+                .order_by(job_runs.c.run_id.desc()).limit(20))
             missing = _frame(conn, sa.select(flags.c.episode_id, flags.c.message).where(
                 (flags.c.kind == "missing_measures") & (flags.c.state == "open")))
             es = episode_service
@@ -304,8 +312,9 @@ class DataAccess:
                 sa.func.sum(es.c.finished).label("with_paired_scores"))
                 .where(es.c.end_month.is_not(None)).group_by(es.c.team).order_by(es.c.team))
         comp["completeness"] = comp["with_paired_scores"] / comp["ended"]
+        cycles["files"] = [len(json.loads(f or "[]")) for f in cycles["files"]]
         return {"batches": bt, "quarantine": q, "completeness": comp, "runs": runs,
-                "missing": missing}
+                "missing": missing, "cycles": cycles}
 
     def quarantined(self, viewer: Viewer, reason: str | None) -> pd.DataFrame:
         """Quarantined records (raw content may identify clients: directors/admins)."""

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Settings, load_settings
@@ -316,11 +317,106 @@ def cmd_demo_users(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.errors import AlreadyRunning
+    from pipeline.jobs import run_cycle
+
+    def progress(files: list[Path]) -> Any:
+        if not sys.stderr.isatty():
+            return files
+        from tqdm import tqdm
+
+        return tqdm(files, desc="ingest", unit="file")
+
+    import signal
+    import threading
+
+    stop = threading.Event()  # SIGTERM/SIGINT: finish the current file, then stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        res = run_cycle(settings, load_registry(), inbox=Path(args.inbox) if args.inbox
+                        else None, wait=args.wait, progress=progress, stop=stop)
+    except AlreadyRunning as exc:
+        print(f"ontrack: already running: {exc}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        print(f"cycle {res.run_id} {res.status}: {len(res.files)} files, {res.records} "
+              f"records = {res.accepted} accepted + {res.duplicates} duplicates + "
+              f"{res.quarantined} quarantined; {res.flags_raised} flags raised")
+        for f in res.files:
+            print(f"  {f['outcome']:17} {f['file']}" + (f"  ({f['error']})"
+                                                        if f.get("error") else ""))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from pipeline.jobs import schedule
+
+    if args.cron:
+        settings = replace(settings, schedule_cron=args.cron)
+    print(f"scheduling cycles on '{settings.schedule_cron}' (inbox {settings.inbox}); "
+          "SIGTERM or Ctrl-C stops after the current file", file=sys.stderr)
+    schedule(settings, load_registry())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from pipeline.jobs import inbox_files, next_run
+    from pipeline.store import flags, job_runs
+
+    store = _store(settings)
+    with store.engine.connect() as conn:
+        runs = conn.execute(sa.select(job_runs).order_by(job_runs.c.run_id.desc()).limit(5)) \
+            .mappings().all()
+        by_kind: dict[Any, Any] = dict(conn.execute(sa.select(flags.c.kind, sa.func.count()).where(
+            flags.c.state == "open").group_by(flags.c.kind)).all())
+    inbox = Path(settings.inbox)
+    waiting = len(inbox_files(inbox)) if inbox.is_dir() else None
+    db = settings.data_dir / "ontrack.db"
+    size = db.stat().st_size if store.dialect == "sqlite" and db.exists() else None
+    nxt = next_run(settings)
+    out: dict[str, Any] = {
+        "last_runs": [{"run_id": r["run_id"], "status": r["status"], "trigger": r["trigger"],
+                       "started_at": r["started_at"].isoformat(),
+                       "finished_at": r["finished_at"].isoformat() if r["finished_at"]
+                       else None, "files": len(json.loads(r["files"] or "[]")),
+                       "records": r["records"], "accepted": r["accepted"],
+                       "quarantined": r["quarantined"], "flags_raised": r["flags_raised"],
+                       "error": r["error"]} for r in runs],
+        "next_scheduled_run": nxt.isoformat() if nxt else None,
+        "schedule_cron": settings.schedule_cron,
+        "inbox": str(inbox), "files_waiting": waiting,
+        "open_flags_by_kind": {str(k): int(v) for k, v in sorted(by_kind.items())},
+        "store": store.safe_url, "store_bytes": size,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"store {out['store']}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
+    print(f"inbox {inbox}: {waiting if waiting is not None else 'missing'} files waiting")
+    print(f"next scheduled run {out['next_scheduled_run']} ('{settings.schedule_cron}')")
+    print("open flags: " + (", ".join(f"{k} {v}" for k, v in out["open_flags_by_kind"].items())
+                            or "none"))
+    for r in out["last_runs"]:
+        print(f"  run {r['run_id']:>4} {r['status']:8} {r['started_at']} {r['files']} files, "
+              f"{r['records']} records, {r['flags_raised']} flags raised")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
     p.add_argument("--version", action="version", version=f"ontrack {__version__}")
     p.add_argument("--config", help="settings TOML file (default ./ontrack.toml)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr: plain text or JSON (for log shippers)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default env ONTRACK_DATABASE_URL "
                    "or sqlite:///data/ontrack.db)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -413,6 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo-users", help="create one demo user per role (sample data only)")
     s.set_defaults(func=cmd_demo_users)
 
+    s = sub.add_parser("run", help="one cycle: ingest the inbox, compute, refresh flags")
+    s.add_argument("--inbox", help="default ONTRACK_INBOX or data/inbox")
+    s.add_argument("--wait", action="store_true", help="wait for a running cycle instead "
+                   "of exiting with 'already running' (exit code 3)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("schedule", help="run cycles on a cron expression (APScheduler)")
+    s.add_argument("--cron", help="default: the schedule_cron setting, '*/15 * * * *'")
+    s.set_defaults(func=cmd_schedule)
+
+    s = sub.add_parser("status", help="last runs, next run, files waiting, open flags")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
@@ -422,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ontrack`` console script."""
     args = build_parser().parse_args(argv)
+    from pipeline.jobs import configure_logging
+
+    configure_logging(args.log_format)
     try:
         settings = load_settings(args.config, database_url=args.database_url)
         return int(args.func(args, settings))

@@ -68,6 +68,10 @@ class Settings:
     max_field_chars: int = 10_000
     #: Rows per chunk when streaming a CSV through validation and scoring.
     chunk_rows: int = 200_000
+    #: Folder watched by ``ontrack run`` (processed/ and failed/ are made inside it).
+    inbox: Path = Path("data/inbox")
+    #: Cron expression of ``ontrack schedule`` (minute hour day month weekday).
+    schedule_cron: str = "*/15 * * * *"
     #: Flask secret key for the dashboard (environment only).
     secret_key: str = field(default="", repr=False)
 

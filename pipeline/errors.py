@@ -11,7 +11,9 @@
      │                        bad input records are quarantined, never raised)
      ├── ScoringError         a score cannot be computed from what was given
      ├── StoreError           the database cannot be reached or has the wrong schema
-     └── UsageError           a command was called with arguments that cannot work
+     ├── UsageError           a command was called with arguments that cannot work
+     └── JobError             a scheduled cycle could not run
+          └── AlreadyRunning  another cycle holds the lock
 
 Every exception takes its context as keyword arguments and renders a message that says
 what was wrong and how to fix it.
@@ -20,7 +22,9 @@ what was wrong and how to fix it.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyRunning",
     "ConfigError",
+    "JobError",
     "IngestError",
     "OnTrackError",
     "RegistryError",
@@ -71,3 +75,11 @@ class StoreError(OnTrackError):
 
 class UsageError(OnTrackError):
     """A command-line or API call cannot work as given."""
+
+
+class JobError(OnTrackError):
+    """A cycle could not run (inbox unreadable, store unreachable)."""
+
+
+class AlreadyRunning(JobError):
+    """Another cycle holds the lock; this one did nothing."""

@@ -80,6 +80,11 @@ def _date(x: Any) -> str:
     return pd.Timestamp(x).strftime("%Y-%m-%d") if pd.notna(x) else "n/a"
 
 
+def _dt(values: pd.Series) -> pd.Series:
+    """Dates/datetimes (possibly all missing) as datetime64[us]."""
+    return pd.to_datetime(values.astype("object")).astype("datetime64[us]")
+
+
 def _frame(rows: list[dict[str, Any]], kind: str) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=FLAG_COLUMNS)
@@ -254,8 +259,8 @@ def rule_review_overdue(inp: RuleInput) -> pd.DataFrame:
     last = inp.reviews.groupby("episode_id").agg(
         last_review=("reviewed_at", "max"), next_review=("next_review", "last"))
     e = e.merge(last, left_on="episode_id", right_index=True, how="left")
-    since = pd.to_datetime(e["last_review"]).fillna(pd.to_datetime(e["start_date"]))
-    due = pd.to_datetime(e["next_review"]).fillna(since + pd.Timedelta(weeks=weeks))
+    since = _dt(e["last_review"]).fillna(_dt(e["start_date"]))
+    due = _dt(e["next_review"]).fillna(since + pd.Timedelta(weeks=weeks))
     today = pd.Timestamp(inp.today)
     hit = e[(due < today.normalize()).to_numpy()]
     due_hit = due[(due < today.normalize()).to_numpy()]
@@ -276,8 +281,9 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
     e = inp.episodes[inp.episodes["end_date"].isna()]
     weeks = inp.settings.missing_measures_weeks
     last = inp.administrations.groupby("episode_id")["administered_at"].max()
-    since = e["episode_id"].map(last)
-    since = pd.to_datetime(since).fillna(pd.to_datetime(e["start_date"]))
+    # reindex, not map: map of an empty datetime Series fails in pandas 3.
+    last_of = pd.Series(last.reindex(e["episode_id"].to_numpy()).to_numpy(), index=e.index)
+    since = _dt(last_of).fillna(_dt(e["start_date"]))
     threshold = since + pd.Timedelta(weeks=weeks)
     hit_mask = (threshold < pd.Timestamp(inp.today)).to_numpy()
     rows = [{

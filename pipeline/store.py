@@ -303,6 +303,23 @@ episode_service = sa.Table(
     sa.Column("run_id", sa.Integer, nullable=False),
 )
 
+job_runs = sa.Table(
+    "job_runs", metadata,
+    sa.Column("run_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("status", sa.String(20), nullable=False),  # running|done|stopped|failed
+    sa.Column("trigger", sa.String(20), nullable=False),  # manual|schedule
+    sa.Column("files", sa.Text),  # JSON: [{file, outcome, batch_id, records, ...}]
+    sa.Column("records", sa.Integer, nullable=False, default=0),
+    sa.Column("accepted", sa.Integer, nullable=False, default=0),
+    sa.Column("duplicates", sa.Integer, nullable=False, default=0),
+    sa.Column("quarantined", sa.Integer, nullable=False, default=0),
+    sa.Column("flags_raised", sa.Integer, nullable=False, default=0),
+    sa.Column("compute_run_id", sa.Integer),
+    sa.Column("error", sa.Text),
+)
+
 users = sa.Table(
     "users", metadata,
     sa.Column("user_id", sa.Integer, primary_key=True, autoincrement=True),

@@ -51,6 +51,13 @@ def layout(**_: Any) -> Any:
         html.H4("Open episodes with no score recently"),
         table(q["missing"], {"episode_id": "Episode", "message": "Last score"})
         if not q["missing"].empty else html.P("None.", className="text-muted"),
+        html.H4("Scheduled cycles (ontrack run / schedule)"),
+        table(q["cycles"], {"run_id": "Cycle", "trigger": "Trigger", "status": "Status",
+                            "started_at": "Started", "finished_at": "Finished",
+                            "files": "Files", "records": "Records", "accepted": "Accepted",
+                            "duplicates": "Duplicates", "quarantined": "Quarantined",
+                            "flags_raised": "Flags raised", "error": "Error"})
+        if not q["cycles"].empty else html.P("No cycles have run yet.", className="text-muted"),
         html.H4("Compute runs"),
         table(q["runs"], {"run_id": "Run", "mode": "Mode", "started_at": "Started",
                           "finished_at": "Finished", "episodes": "Episodes",

@@ -32,7 +32,7 @@ from pipeline.scoring import score_administrations
 from pipeline.store import MAX_ITEMS, MUTABLE_FIELDS, Store, utcnow
 from pipeline.validate import Context, check_administrations, check_entities, validate_scored
 
-__all__ = ["FileReport", "IngestReport", "ingest_paths"]
+__all__ = ["FileReport", "IngestReport", "ingest_paths", "plan_files"]
 
 _ITEMS = [f"item_{i}" for i in range(1, MAX_ITEMS + 1)]
 _CONTENT = ["session_number", "total_supplied", *_ITEMS]
@@ -456,6 +456,13 @@ def _norm(v: Any) -> str:
 def _plain(d: Mapping[Any, Any]) -> dict[str, Any]:
     return {str(k): (None if _norm(v) == "" else _norm(v)) for k, v in d.items()
             if not str(k).startswith("_")}
+
+
+def plan_files(paths: Iterable[Path], settings: Settings, registry: Registry) -> list[Path]:
+    """Files in the order an ingest takes them (therapists, clients, episodes, plans,
+    administrations; unreadable files last), so referenced records go in first."""
+    opened = sorted((_Opened(p, settings, registry) for p in paths), key=lambda o: o.order)
+    return [o.path for o in opened]
 
 
 def ingest_paths(paths: Iterable[str | Path], store: Store, settings: Settings,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -44,6 +43,7 @@ from pipeline.store import (
     reference_norms,
     reviews,
     sudden_changes,
+    to_records,
     utcnow,
 )
 from pipeline.store import caseload as caseload_table
@@ -157,16 +157,7 @@ def _stored_reference(conn: sa.Connection) -> Reference:
 def _to_rows(frame: pd.DataFrame, table: sa.Table, run_id: int) -> list[dict[str, Any]]:
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
-    f = f[[c for c in cols if c in f.columns]]
-    out = f.astype(object).where(f.notna(), None)
-    recs = out.to_dict(orient="records")
-    for rec in recs:
-        for key, v in rec.items():
-            if isinstance(v, np.generic):
-                rec[key] = v.item()
-            elif isinstance(v, pd.Timestamp):
-                rec[key] = v.to_pydatetime(warn=False)
-    return [{str(k): v for k, v in r.items()} for r in recs]
+    return to_records(f[[c for c in cols if c in f.columns]])
 
 
 def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None

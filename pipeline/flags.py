@@ -33,6 +33,7 @@ from scipy import stats
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import flags as flags_table
+from pipeline.store import read_frame, to_records
 
 __all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "refresh", "risk_flags"]
 
@@ -335,19 +336,7 @@ def risk_flags(accepted: pd.DataFrame, registry: Registry) -> pd.DataFrame:
 _IDENTITY = ["episode_id", "measure", "kind", "key"]
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    out = frame.astype(object).where(frame.notna(), None)
-    recs = []
-    for r in out.to_dict(orient="records"):
-        rec = {}
-        for k, v in r.items():
-            if isinstance(v, np.generic):
-                v = v.item()
-            if isinstance(v, pd.Timestamp):
-                v = v.to_pydatetime()
-            rec[str(k)] = v
-        recs.append(rec)
-    return recs
+_records = to_records
 
 
 def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
@@ -371,17 +360,25 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     dict
         Counts: ``raised``, ``reopened``, ``updated``, ``resolved``.
     """
-    q = sa.select(flags_table)
+    cols = [flags_table.c[c] for c in ("flag_id", "episode_id", "measure", "kind", "key",
+                                        "state", "acknowledged_at", "severity", "message",
+                                        "evidence")]
+    q = sa.select(*cols)
     if kinds is not None:
         q = q.where(flags_table.c.kind.in_(kinds))
-    stored = pd.DataFrame(conn.execute(q).mappings().all(),
-                          columns=list(flags_table.c.keys()))
-    if episodes is not None:
-        stored = stored[stored["episode_id"].isin(episodes)]
+    if episodes is None:
+        stored = read_frame(conn, q)
+    else:
+        ids = sorted(episodes)
+        parts = [read_frame(conn, q.where(flags_table.c.episode_id.in_(ids[i:i + 900])))
+                 for i in range(0, len(ids), 900)]
+        stored = pd.concat(parts, ignore_index=True) if parts else read_frame(
+            conn, q.where(sa.false()))
     f = firing.copy()
     f["evidence_at"] = pd.to_datetime(f["evidence_at"])
-    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at"]], on=_IDENTITY,
-                how="left")
+    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at"]].assign(
+        _sig=stored["severity"].astype(str) + "|" + stored["message"].astype(str) + "|" +
+        stored["evidence"].astype(str)), on=_IDENTITY, how="left")
     counts = {"raised": 0, "reopened": 0, "updated": 0, "resolved": 0}
     new = m[m["flag_id"].isna()]
     if not new.empty:
@@ -393,7 +390,14 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
         ack_at = pd.to_datetime(old["acknowledged_at"])
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
-        # One executemany per state change, not one statement per flag.
+        # Unchanged flags only get last_seen, in bulk; the others one executemany each.
+        same = (old["severity"].astype(str) + "|" + old["message"].astype(str) + "|" +
+                old["evidence"].astype(str)) == old["_sig"]
+        quiet = [int(x) for x in old.loc[same & ~reopen, "flag_id"]]
+        for i in range(0, len(quiet), 900):
+            conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
+                quiet[i:i + 900])).values(last_seen=now))
+        old, reopen = old[~same | reopen], reopen[~same | reopen]
         recs = _records(old[["flag_id", "severity", "rule", "message", "evidence",
                              "evidence_at"]])
         stmt = flags_table.update().where(flags_table.c.flag_id == sa.bindparam("fid"))
@@ -415,12 +419,13 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
                 evidence_at=sa.bindparam("evidence_at"), last_seen=sa.bindparam("last_seen"),
                 state="open", resolved_at=None), reopened)
         counts["reopened"] = int(reopen.sum())
-        counts["updated"] = len(old) - counts["reopened"]
+        counts["updated"] = len(old) - counts["reopened"] + len(quiet)
     if resolve_missing and not stored.empty:
-        fired = set(map(tuple, f[_IDENTITY].astype(str).to_numpy().tolist()))
         live = stored[(stored["state"] != "resolved") & (stored["kind"] != "risk_item")]
-        gone = [int(r["flag_id"]) for r in live.to_dict(orient="records")
-                if tuple(str(r[c]) for c in _IDENTITY) not in fired]
+        key = [c for c in _IDENTITY]
+        hit = live[key].astype(str).merge(f[key].astype(str).drop_duplicates(), on=key,
+                                          how="left", indicator=True)["_merge"].to_numpy()
+        gone = [int(x) for x in live["flag_id"].to_numpy()[hit == "left_only"]]
         for i in range(0, len(gone), 900):
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
                 gone[i:i + 900])).values(state="resolved", resolved_at=now))

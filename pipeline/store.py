@@ -24,6 +24,7 @@ from pipeline.errors import StoreError
 __all__ = [
     "SCHEMA_VERSION",
     "read_frame",
+    "to_records",
     "Store",
     "metadata",
 ]
@@ -436,8 +437,7 @@ class Store:
         """Stored rows of an entity kind for the given ids."""
         table = ENTITY_TABLES[kind]
         key = table.c[ENTITY_KEYS[kind]]
-        frames = [pd.DataFrame(conn.execute(sa.select(table).where(key.in_(part))).mappings()
-                               .all(), columns=list(table.c.keys()))
+        frames = [read_frame(conn, sa.select(table).where(key.in_(part)))
                   for part in _parts(ids)]
         return pd.concat(frames, ignore_index=True) if frames else \
             pd.DataFrame(columns=list(table.c.keys()))
@@ -449,12 +449,9 @@ class Store:
                 administrations.c.total_supplied,
                 *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
         names = [c.name for c in cols]
-        frames = []
-        for part in _parts(episode_ids):
-            rows = conn.execute(sa.select(*cols).where(
-                administrations.c.episode_id.in_(part))).all()
-            if rows:
-                frames.append(pd.DataFrame(rows, columns=names))
+        frames = [read_frame(conn, sa.select(*cols).where(
+            administrations.c.episode_id.in_(part))) for part in _parts(episode_ids)]
+        frames = [f for f in frames if not f.empty]
         if not frames:
             return pd.DataFrame(columns=names)
         return pd.concat(frames, ignore_index=True)
@@ -463,8 +460,8 @@ class Store:
         """Goals of the latest plan version of the given episodes."""
         frames = []
         for part in _parts(episode_ids):
-            rows = conn.execute(sa.select(goals).where(goals.c.episode_id.in_(part))).mappings()
-            frames.append(pd.DataFrame(rows.all(), columns=list(goals.c.keys())))
+            frames.append(read_frame(conn, sa.select(goals).where(
+                goals.c.episode_id.in_(part))))
         return pd.concat(frames, ignore_index=True) if frames else \
             pd.DataFrame(columns=list(goals.c.keys()))
 
@@ -565,15 +562,27 @@ def _parts(ids: Sequence[str], size: int = 900) -> Iterator[list[str]]:
         yield ids[i:i + size]
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """DataFrame rows as dicts of plain Python values (NA -> None) for the DBAPI."""
+def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as dicts of plain Python values (NA -> None) for the DBAPI.
+
+    Column by column: numeric and boolean columns box to Python scalars through
+    ``astype(object)``; datetime columns become ``datetime`` (to the microsecond); only
+    object columns are scanned for stray numpy scalars.
+    """
     out = frame.astype(object).where(frame.notna(), None)
-    recs: list[dict[str, Any]] = [{str(k): v for k, v in r.items()}
-                                  for r in out.to_dict(orient="records")]
-    for rec in recs:
-        for k, v in rec.items():
-            if isinstance(v, np.generic):
-                rec[k] = v.item()
-            elif isinstance(v, pd.Timestamp):
-                rec[k] = v.to_pydatetime()
-    return recs
+    for c in frame.columns:
+        col = frame[c]
+        if pd.api.types.is_datetime64_any_dtype(col):
+            py = pd.Series(col.dt.floor("us").dt.to_pydatetime(), index=frame.index,
+                           dtype=object)
+            out[c] = py.where(col.notna(), None)
+        elif col.dtype == object:
+            out[c] = [v.item() if isinstance(v, np.generic) else
+                      (v.to_pydatetime(warn=False) if isinstance(v, pd.Timestamp) else v)
+                      for v in out[c]]
+    names = [str(c) for c in out.columns]
+    return [dict(zip(names, row, strict=True))
+            for row in out.itertuples(index=False, name=None)]
+
+
+_records = to_records

@@ -80,10 +80,10 @@ class ComputeReport:
 def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
     cols = [administrations.c[c] for c in _ADMIN_COLS]
     if episode_ids is None:
-        df = read_frame(conn, sa.select(*cols))
+        df = read_frame(conn, sa.select(*cols), raw=True)
     else:
         parts = [read_frame(conn, sa.select(*cols).where(
-            administrations.c.episode_id.in_(episode_ids[i:i + 900])))
+            administrations.c.episode_id.in_(episode_ids[i:i + 900])), raw=True)
             for i in range(0, len(episode_ids), 900)]
         df = pd.concat(parts, ignore_index=True) if parts else \
             pd.DataFrame(columns=_ADMIN_COLS)
@@ -173,7 +173,9 @@ def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
     if ids is None:
         return _table(conn, table, columns)
     cols = [table.c[c] for c in columns] if columns else list(table.c)
-    parts = [read_frame(conn, sa.select(*cols).where(table.c.episode_id.in_(ids[i:i + 900])))
+    # raw DBAPI values (dates as the driver gives them): callers convert with pandas.
+    parts = [read_frame(conn, sa.select(*cols).where(table.c.episode_id.in_(ids[i:i + 900])),
+                        raw=True)
              for i in range(0, len(ids), 900)]
     names = [c.name for c in cols]
     if not parts:
@@ -181,12 +183,21 @@ def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
     return pd.concat(parts, ignore_index=True).reindex(columns=names)
 
 
+def _bools(frame: pd.DataFrame, table: sa.Table) -> pd.DataFrame:
+    """Boolean columns as Python bools/None whichever way they were read (raw DBAPI
+    reads give SQLite's 0/1), so evidence and rules never depend on the read path."""
+    for c in table.c:
+        if isinstance(c.type, sa.Boolean) and c.name in frame.columns:
+            frame[c.name] = [None if v is None or v != v else bool(v) for v in frame[c.name]]
+    return frame
+
+
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                today: datetime, episode_ids: list[str] | None = None
                ) -> flag_rules.RuleInput:
     """Read what the flag rules need from the store (outcomes must be current), for
     every episode or only ``episode_ids``."""
-    out = _scoped(conn, outcomes, None, episode_ids)
+    out = _bools(_scoped(conn, outcomes, None, episode_ids), outcomes)
     for c in ("first_at", "last_at"):
         out[c] = pd.to_datetime(out[c])
     adm = _scoped(conn, administrations, ["episode_id", "measure", "administered_at",
@@ -195,7 +206,7 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
-    sud = _scoped(conn, sudden_changes, None, episode_ids)
+    sud = _bools(_scoped(conn, sudden_changes, None, episode_ids), sudden_changes)
     gl = _scoped(conn, goals, None, episode_ids)
     if not gl.empty:
         latest = gl.groupby("episode_id")["plan_version"].transform("max")

@@ -450,7 +450,7 @@ class Store:
                 *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
         names = [c.name for c in cols]
         frames = [read_frame(conn, sa.select(*cols).where(
-            administrations.c.episode_id.in_(part))) for part in _parts(episode_ids)]
+            administrations.c.episode_id.in_(part)), raw=True) for part in _parts(episode_ids)]
         frames = [f for f in frames if not f.empty]
         if not frames:
             return pd.DataFrame(columns=names)

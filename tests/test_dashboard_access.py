@@ -118,7 +118,8 @@ def _callback(c: Any, outputs: list[tuple[str, str]], inputs: list[dict[str, Any
 def test_crafted_review_callback_for_foreign_episode_is_refused(env: dict[str, Any]) -> None:
     foreign = episode_of(env["store"], env["tids"]["other"])
     c = client_for(env, "therapist")
-    out = [("client-review-result", "children"), ("client-flags", "children")]
+    out = [("client-review-result", "children"), ("client-flags", "children"),
+           ("client-reviews", "children")]
     r = _callback(c, out,
                   [{"id": "client-review-submit", "property": "n_clicks", "value": 1}],
                   [{"id": "client-episode", "property": "data", "value": foreign},

@@ -82,6 +82,7 @@ def test_therapist_journey(server: dict[str, Any], browser: Any) -> None:
     page.click("#client-review-submit")
     page.wait_for_selector("#review-ok", timeout=15000)
     assert f"{len(open_before)} flags acknowledged" in page.inner_text("#review-ok")
+    assert "Reviewed in supervision" in page.inner_text("#client-reviews")
     after = server["store"].read_table("flags").query("episode_id == @own")
     assert not ((after["state"] == "open") & (after["kind"] != "risk_item")).any()
     shot(page, "therapist-client-after-review")

@@ -49,6 +49,14 @@ def _flags(fl: pd.DataFrame) -> Any:
     return dbc.ListGroup(items)
 
 
+def _reviews(reviews: pd.DataFrame) -> Any:
+    if reviews.empty:
+        return html.P("No reviews yet.", className="text-muted")
+    return table(reviews, {"reviewed_at": "When", "reviewer": "Who", "decision": "Decision",
+                           "note": "Note", "next_review": "Next review",
+                           "flags_acknowledged": "Flags acknowledged"})
+
+
 def _review_form(episode_id: str) -> Any:
     return dbc.Card(dbc.CardBody([
         html.H5("Record a plan review"),
@@ -110,12 +118,7 @@ def layout(episode_id: str | None = None, **_: Any) -> Any:
                                "projected_latest": "Latest", "due_at": "Due",
                                "status_reason": "Why"},
                        {"target": "g"}) if not goals.empty else html.P("No goals on record.")
-    reviews = d["reviews"]
-    review_table = table(reviews, {"reviewed_at": "When", "reviewer": "Who",
-                                   "decision": "Decision", "note": "Note",
-                                   "next_review": "Next review",
-                                   "flags_acknowledged": "Flags acknowledged"}) \
-        if not reviews.empty else html.P("No reviews yet.", className="text-muted")
+    review_table = _reviews(d["reviews"])
     name = f"{e.get('given_name') or ''} {e.get('family_name') or ''}".strip()
     return html.Div([
         html.H2(f"{name or e['client_id']}", id="client-title"),
@@ -126,7 +129,7 @@ def layout(episode_id: str | None = None, **_: Any) -> Any:
         safety,
         dbc.Row([
             dbc.Col(graphs, lg=8),
-            dbc.Col([html.H4("Open flags"), html.Div(_flags(d["flags"]), id=ids.CLIENT_FLAGS),
+            dbc.Col([html.H4("Flags (open and acknowledged)"), html.Div(_flags(d["flags"]), id=ids.CLIENT_FLAGS),
                      html.Hr(), _review_form(e["episode_id"])], lg=4),
         ]),
         html.H4("Goals", className="mt-3"), goal_table,
@@ -139,16 +142,17 @@ dash.register_page(__name__, path_template="/client/<episode_id>", title="OnTrac
                    name="Client", layout=layout)
 
 @callback(Output(ids.CLIENT_REVIEW_RESULT, "children"), Output(ids.CLIENT_FLAGS, "children"),
+          Output(ids.CLIENT_REVIEWS, "children"),
           Input(ids.CLIENT_REVIEW_SUBMIT, "n_clicks"), State(ids.CLIENT_EPISODE, "data"),
           State(ids.CLIENT_REVIEW_DECISION, "value"), State(ids.CLIENT_REVIEW_NOTE, "value"),
           State(ids.CLIENT_REVIEW_NEXT, "date"), State(ids.CLIENT_REVIEW_RISK, "value"),
           prevent_initial_call=True)
 def submit_review(n_clicks: int | None, episode_id: str, decision: str, note: str | None,
-                  next_review: str | None, risk: list[str] | None) -> tuple[Any, Any]:
+                  next_review: str | None, risk: list[str] | None) -> tuple[Any, Any, Any]:
     """Record the review; the access check happens again here (never trust the page)."""
     viewer = current_viewer()
     if viewer is None or not n_clicks:
-        return dbc.Alert("Not signed in.", color="danger"), dash.no_update
+        return dbc.Alert("Not signed in.", color="danger"), dash.no_update, dash.no_update
     data = get_data()
     try:
         res = data.record_review(
@@ -157,8 +161,9 @@ def submit_review(n_clicks: int | None, episode_id: str, decision: str, note: st
             risk_assessed="risk" in (risk or []))
     except UsageError as exc:
         msg = "Episode not found." if "not found" in str(exc) else str(exc).split(" (")[0]
-        return dbc.Alert(msg, color="danger"), dash.no_update
+        return dbc.Alert(msg, color="danger"), dash.no_update, dash.no_update
     d = data.episode(viewer, str(episode_id))
     flags = _flags(d["flags"]) if d else dash.no_update
+    reviews = _reviews(d["reviews"]) if d else dash.no_update
     return dbc.Alert(f"Review recorded: {res.flags_acknowledged} flags acknowledged.",
-                     color="success", id="review-ok"), flags
+                     color="success", id="review-ok"), flags, reviews

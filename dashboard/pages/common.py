@@ -19,7 +19,7 @@ def table(frame: pd.DataFrame, columns: dict[str, str], fmt: dict[str, str] | No
     fmt = fmt or {}
 
     def cell(v: Any, col: str) -> str:
-        if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA:
+        if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and pd.isna(v)):
             return "–"
         if col in fmt:
             return format(v, fmt[col])

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import sqlalchemy as sa
 from pipeline.compute import compute
 from pipeline.config import Settings
 from pipeline.errors import AlreadyRunning, JobError, StoreError
-from pipeline.ingest.batch import ingest_paths, plan_files
+from pipeline.ingest.batch import content_hash, ingest_paths, plan_files
 from pipeline.scales import Registry
 from pipeline.store import Store, batches, job_runs, utcnow
 
@@ -97,14 +96,6 @@ def inbox_files(inbox: Path) -> list[Path]:
     """Files waiting in the inbox (not the processed/failed folders, dotfiles or reasons)."""
     return sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith(".")
                   and not p.name.endswith(".reason.txt"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _move(path: Path, folder: Path, reason: str | None) -> Path:
@@ -185,7 +176,7 @@ def run_cycle(settings: Settings, registry: Registry, *, inbox: Path | None = No
 
 def _one_file(store: Store, settings: Settings, registry: Registry, path: Path, inbox: Path,
               result: CycleResult, now: datetime | None) -> dict[str, Any]:
-    digest = _sha256(path)
+    digest = content_hash(path)
     with store.engine.connect() as conn:
         seen = conn.execute(sa.select(batches.c.batch_id).where(
             (batches.c.content_hash == digest) & (batches.c.status == "committed"))

@@ -32,7 +32,7 @@ from pipeline.scoring import score_administrations
 from pipeline.store import MAX_ITEMS, MUTABLE_FIELDS, Store, utcnow
 from pipeline.validate import Context, check_administrations, check_entities, validate_scored
 
-__all__ = ["FileReport", "IngestReport", "ingest_paths", "plan_files"]
+__all__ = ["FileReport", "IngestReport", "content_hash", "ingest_paths", "plan_files"]
 
 _ITEMS = [f"item_{i}" for i in range(1, MAX_ITEMS + 1)]
 _CONTENT = ["session_number", "total_supplied", *_ITEMS]
@@ -100,7 +100,8 @@ class IngestReport:
         }
 
 
-def _sha256(path: Path) -> str:
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (a batch's identity for "already ingested")."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(1 << 20):
@@ -221,7 +222,7 @@ class _Ingestor:
 
     def ingest_file(self, op: _Opened) -> FileReport:
         rep = FileReport(file=str(op.path), kind=op.kind, status="committed")
-        digest = _sha256(op.path)
+        digest = content_hash(op.path)
         with self.store.transaction() as conn:
             rep.batch_id = self.store.start_batch(conn, str(op.path), digest, op.kind, self.now)
             if op.error is not None:

@@ -410,6 +410,26 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import date
+
+    from pipeline.export import export_dataset
+
+    store = _store(settings)
+    res = export_dataset(
+        store, settings, load_registry(), Path(args.out),
+        date_from=date.fromisoformat(args.date_from) if args.date_from else None,
+        date_to=date.fromisoformat(args.date_to) if args.date_to else None,
+        measures=args.measures.split(",") if args.measures else None, k=args.k,
+        fmt=args.format)
+    m = res.manifest
+    print(f"exported {m['rows']['episodes']} episodes and {m['rows']['administrations']} "
+          f"administrations to {args.out}; k={m['parameters']['k']} achieved "
+          f"{m['k_achieved']}; generalised: {', '.join(m['generalisation']) or 'nothing'}; "
+          f"{m['records_suppressed']} records suppressed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ontrack", description=(
         "OnTrack: outcome monitoring for measurement-based psychotherapy."))
@@ -523,6 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="last runs, next run, files waiting, open flags")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("export", help="anonymised research export (SPEC §10); key from "
+                       "ONTRACK_EXPORT_KEY, else random and never stored")
+    s.add_argument("--out", required=True)
+    s.add_argument("--from", dest="date_from", help="episodes started on/after YYYY-MM-DD")
+    s.add_argument("--to", dest="date_to", help="episodes started on/before YYYY-MM-DD")
+    s.add_argument("--measures", help="comma-separated codes (default PHQ-9,GAD-7)")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("summary", help="row counts of the store")
     s.add_argument("--json", action="store_true")

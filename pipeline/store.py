@@ -573,13 +573,12 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     for c in frame.columns:
         col = frame[c]
         if pd.api.types.is_datetime64_any_dtype(col):
-            py = pd.Series(col.dt.floor("us").dt.to_pydatetime(), index=frame.index,
-                           dtype=object)
-            out[c] = py.where(col.notna(), None)
+            out[c] = pd.Series([None if pd.isna(v) else v.to_pydatetime()
+                                for v in col.dt.floor("us")], index=out.index, dtype=object)
         elif col.dtype == object:
-            out[c] = [v.item() if isinstance(v, np.generic) else
-                      (v.to_pydatetime(warn=False) if isinstance(v, pd.Timestamp) else v)
-                      for v in out[c]]
+            out[c] = pd.Series([v.item() if isinstance(v, np.generic) else
+                                (v.to_pydatetime(warn=False) if isinstance(v, pd.Timestamp)
+                                 else v) for v in out[c]], index=out.index, dtype=object)
     names = [str(c) for c in out.columns]
     return [dict(zip(names, row, strict=True))
             for row in out.itertuples(index=False, name=None)]

@@ -4,12 +4,12 @@ reproducible and unlinkable, and rates that reconcile with `ontrack report`."""
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from collections import Counter
 
 from pipeline.compute import compute
 from pipeline.config import Settings

@@ -172,15 +172,6 @@ class DataAccess:
                               ascending=[False, False, False, False], kind="stable")
         return out.drop(columns=["given_name", "family_name"]).reset_index(drop=True)
 
-    @staticmethod
-    def _in(conn: sa.Connection, query: sa.Select[Any], column: sa.ColumnElement[Any],
-            ids: list[str]) -> pd.DataFrame:
-        frames = [_frame(conn, query.where(column.in_(ids[i:i + 900])))
-                  for i in range(0, len(ids), 900)]
-        if not frames:
-            return _frame(conn, query.where(sa.false()))
-        return pd.concat(frames, ignore_index=True)
-
     # ------------------------------------------------------------------ client
     def episode(self, viewer: Viewer, episode_id: str) -> dict[str, Any] | None:
         """Everything the client page shows, or None when not visible (= not found)."""
@@ -282,10 +273,6 @@ class DataAccess:
         out["flags"] = table[["open", "acknowledged", "resolved",
                               "median_hours_to_review"]].reset_index()
         return out
-
-    @staticmethod
-    def metric_names() -> list[str]:
-        return list(METRICS)
 
     # ------------------------------------------------------------------ quality
     def quality(self, viewer: Viewer) -> dict[str, pd.DataFrame] | None:

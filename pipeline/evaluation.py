@@ -15,7 +15,6 @@ at once, and for each rule we report:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -137,8 +136,3 @@ def write_default_curves(path: str, registry: Registry, settings: Settings,
     curves = reference.curves.drop(columns="source")
     curves.to_csv(path, index=False, float_format="%.4g")
     return curves
-
-
-def with_settings(settings: Settings, **changes: Any) -> Settings:
-    """A copy of the settings with some fields changed (for sensitivity analyses)."""
-    return replace(settings, **changes)

@@ -336,8 +336,6 @@ def risk_flags(accepted: pd.DataFrame, registry: Registry) -> pd.DataFrame:
 _IDENTITY = ["episode_id", "measure", "kind", "key"]
 
 
-_records = to_records
-
 
 def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
             episodes: set[str] | None = None, kinds: list[str] | None = None,
@@ -383,7 +381,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     new = m[m["flag_id"].isna()]
     if not new.empty:
         rows = new[FLAG_COLUMNS].assign(first_raised=now, last_seen=now, state="open")
-        conn.execute(flags_table.insert(), _records(rows))
+        conn.execute(flags_table.insert(), to_records(rows))
         counts["raised"] = len(new)
     old = m[m["flag_id"].notna()]
     if not old.empty:
@@ -398,7 +396,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
                 quiet[i:i + 900])).values(last_seen=now))
         old, reopen = old[~same | reopen], reopen[~same | reopen]
-        recs = _records(old[["flag_id", "severity", "rule", "message", "evidence",
+        recs = to_records(old[["flag_id", "severity", "rule", "message", "evidence",
                              "evidence_at"]])
         stmt = flags_table.update().where(flags_table.c.flag_id == sa.bindparam("fid"))
         keep: list[dict[str, Any]] = []

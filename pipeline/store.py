@@ -511,7 +511,7 @@ class Store:
         if frame.empty:
             return
         cols = [c.name for c in administrations.c if c.name != "admin_id"]
-        conn.execute(administrations.insert(), _records(frame[cols]))
+        conn.execute(administrations.insert(), to_records(frame[cols]))
 
     def upsert_entities(self, conn: Connection, kind: str, new: pd.DataFrame,
                         updated: pd.DataFrame) -> None:
@@ -519,8 +519,8 @@ class Store:
         key = ENTITY_KEYS[kind]
         cols = [c.name for c in table.c]
         if not new.empty:
-            conn.execute(table.insert(), _records(new[cols]))
-        for rec in _records(updated[cols]) if not updated.empty else []:
+            conn.execute(table.insert(), to_records(new[cols]))
+        for rec in to_records(updated[cols]) if not updated.empty else []:
             conn.execute(table.update().where(table.c[key] == rec[key]).values(**rec))
 
     def insert_goals(self, conn: Connection, frame: pd.DataFrame, batch_id: int) -> None:
@@ -532,7 +532,7 @@ class Store:
                      .itertuples(index=False)]
         conn.execute(plans.insert(), plan_rows)
         cols = [c.name for c in goals.c]
-        conn.execute(goals.insert(), _records(frame[cols]))
+        conn.execute(goals.insert(), to_records(frame[cols]))
 
 
 def read_frame(conn: Connection, query: Any, raw: bool = False) -> pd.DataFrame:
@@ -583,5 +583,3 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True))
             for row in out.itertuples(index=False, name=None)]
 
-
-_records = to_records

@@ -20,9 +20,8 @@ PASSWORDS = {"therapist": "therapist-pass-123", "other": "other-pass-1234",
              "director": "director-pass-123", "researcher": "researcher-pass-1"}
 
 
-def sample_store(directory: Path) -> tuple[Store, Settings, dict[str, str]]:
-    """Ingest and compute the sample; users therapist/other (two therapists), director,
-    researcher. Returns the store, settings and {username: therapist_id}."""
+def computed_sample(directory: Path) -> tuple[Store, Settings]:
+    """The committed sample ingested and computed into a fresh SQLite store."""
     settings = Settings(database_url=f"sqlite:///{directory}/dash.db",
                         secret_key="test-secret-key-not-for-production")
     store = Store(settings.resolved_database_url)
@@ -30,6 +29,13 @@ def sample_store(directory: Path) -> tuple[Store, Settings, dict[str, str]]:
     reg = load_registry()
     ingest_paths([SAMPLE], store, settings, reg, now=NOW)
     compute(store, settings, reg, now=NOW)
+    return store, settings
+
+
+def sample_store(directory: Path) -> tuple[Store, Settings, dict[str, str]]:
+    """Ingest and compute the sample; users therapist/other (two therapists), director,
+    researcher. Returns the store, settings and {username: therapist_id}."""
+    store, settings = computed_sample(directory)
     with store.engine.connect() as conn:
         busiest = conn.execute(sa.select(episodes.c.therapist_id).where(
             episodes.c.end_date.is_(None)).group_by(episodes.c.therapist_id)

@@ -11,14 +11,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.compute import compute
-from pipeline.config import Settings
 from pipeline.export import QUASI_IDENTIFIERS, _neutralise, export_dataset, surrogate
-from pipeline.ingest.batch import ingest_paths
 from pipeline.report import episode_flags
 from pipeline.scales import load_registry
-from pipeline.store import Store
-from tests.dashboard_helpers import NOW, SAMPLE
+from tests.dashboard_helpers import SAMPLE, computed_sample
 
 KEY = b"test-export-key-1"
 
@@ -26,12 +22,8 @@ KEY = b"test-export-key-1"
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("export")
-    settings = Settings(database_url=f"sqlite:///{d}/e.db")
-    store = Store(settings.resolved_database_url)
-    store.init()
+    store, settings = computed_sample(d)
     reg = load_registry()
-    ingest_paths([SAMPLE], store, settings, reg, now=NOW)
-    compute(store, settings, reg, now=NOW)
     res = export_dataset(store, settings, reg, d / "out", k=5, key=KEY)
     return {"store": store, "settings": settings, "reg": reg, "dir": d, "res": res}
 

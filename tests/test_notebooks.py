@@ -12,14 +12,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from pipeline.compute import compute
-from pipeline.config import Settings
 from pipeline.export import export_dataset, surrogate
-from pipeline.ingest.batch import ingest_paths
 from pipeline.report import episode_flags
 from pipeline.scales import load_registry
-from pipeline.store import Store
-from tests.dashboard_helpers import NOW, SAMPLE
+from tests.dashboard_helpers import computed_sample
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KEY = b"notebook-key"
@@ -28,12 +24,8 @@ KEY = b"notebook-key"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("nb")
-    settings = Settings(database_url=f"sqlite:///{d}/n.db")
-    store = Store(settings.resolved_database_url)
-    store.init()
+    store, settings = computed_sample(d)
     reg = load_registry()
-    ingest_paths([SAMPLE], store, settings, reg, now=NOW)
-    compute(store, settings, reg, now=NOW)
     res = export_dataset(store, settings, reg, d / "export", key=KEY)
     return {"dir": d, "store": store, "settings": settings, "reg": reg, "res": res}
 

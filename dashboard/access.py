@@ -2,7 +2,7 @@
 
 - ``therapist``: their own episodes (by ``therapist_id``), with client names.
 - ``director`` and ``admin``: every episode, with client names.
-- ``researcher``: no client-level page at all; aggregates only.
+- ``researcher``: no client-level page at all; aggregates and anonymised exports only.
 
 Every query of :mod:`dashboard.data` takes a :class:`Viewer` and applies
 :func:`episode_clause`; a request for an episode outside it gets "not found".
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from pipeline.store import episodes
 
-__all__ = ["Viewer", "episode_clause", "may_see_clients", "may_see_service"]
+__all__ = ["Viewer", "episode_clause", "may_export", "may_see_clients", "may_see_service"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ def may_see_clients(viewer: Viewer) -> bool:
 
 def may_see_service(viewer: Viewer) -> bool:
     """Service outcomes and data quality (aggregates, batches, quarantine)."""
+    return viewer.role in ("director", "admin", "researcher")
+
+
+def may_export(viewer: Viewer) -> bool:
+    """Anonymised research exports (SPEC §10): researchers and directors."""
     return viewer.role in ("director", "admin", "researcher")
 
 

@@ -18,7 +18,7 @@ import flask
 import flask_login
 from dash import dcc, html
 
-from dashboard.access import may_see_clients, may_see_service
+from dashboard.access import may_export, may_see_clients, may_see_service
 from dashboard.data import DataAccess
 from dashboard.session import LoginUser, current_viewer
 from pipeline.config import Settings
@@ -118,6 +118,9 @@ def _navbar() -> Any:
         links += [dbc.NavItem(dbc.NavLink("Service outcomes", href="/service",
                                           active="exact")),
                   dbc.NavItem(dbc.NavLink("Data quality", href="/quality", active="exact"))]
+    if viewer is not None and may_export(viewer):
+        links.append(dbc.NavItem(dbc.NavLink("Research export", href="/export",
+                                             active="exact")))
     who = f"{viewer.username} ({viewer.role})" if viewer else ""
     links.append(dbc.NavItem(dbc.NavLink(f"Sign out {who}", href="/logout", external_link=True,
                                          id="nav-logout")))
@@ -143,7 +146,13 @@ def create_app(settings: Settings, store: Store | None = None) -> dash.Dash:
                          ONTRACK_DATA=DataAccess(store, settings, load_registry()),
                          ONTRACK_STORE=store)
     _wire_auth(server, store)
-    from dashboard.pages import caseload, client, quality, service  # noqa: F401  registers
+    from dashboard.pages import (  # noqa: F401  registers the pages
+        caseload,
+        client,
+        export,
+        quality,
+        service,
+    )
 
     app.layout = lambda: html.Div([
         dcc.Location(id="url"), _navbar(),

@@ -7,19 +7,28 @@ flags, goal status and curves come from ``ontrack compute``; service rates from
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 from flask import current_app
 
-from dashboard.access import Viewer, episode_clause, may_see_clients, may_see_service
+from dashboard.access import (
+    Viewer,
+    episode_clause,
+    may_export,
+    may_see_clients,
+    may_see_service,
+)
 from pipeline.config import Settings
+from pipeline.export import export_dataset, zip_export
 from pipeline.scales import Registry
 from pipeline.stats.service import METRICS, rates_from_counts
 from pipeline.store import (
@@ -31,6 +40,7 @@ from pipeline.store import (
     episode_service,
     episodes,
     expected_curves,
+    exports_log,
     flags,
     goal_status,
     job_runs,
@@ -312,6 +322,47 @@ class DataAccess:
                       quarantine.c.raw).order_by(quarantine.c.quarantine_id).limit(500)
         if reason:
             q = q.where(quarantine.c.reason == reason)
+        with self.store.engine.connect() as conn:
+            return _frame(conn, q)
+
+    # ------------------------------------------------------------------ export
+    def export_options(self, viewer: Viewer) -> dict[str, Any] | None:
+        """Measures with scores and the range of episode start dates, for the form."""
+        if not may_export(viewer):
+            return None
+        with self.store.engine.connect() as conn:
+            lo, hi = conn.execute(sa.select(sa.func.min(episodes.c.start_date),
+                                            sa.func.max(episodes.c.start_date))).one()
+            measures = [r[0] for r in conn.execute(
+                sa.select(outcomes.c.measure).distinct().order_by(outcomes.c.measure))]
+        return {"first_start": lo, "last_start": hi,
+                "measures": [m for m in measures if m in self.registry],
+                "default_measures": [self.settings.depression_measure,
+                                     self.settings.anxiety_measure]}
+
+    def export(self, viewer: Viewer, *, date_from: date | None, date_to: date | None,
+               measures: list[str], k: int, fmt: str) -> tuple[bytes, dict[str, Any]] | None:
+        """Run an anonymised export for the viewer, log it, and return (zip, manifest).
+
+        The dataset is what ``ontrack export`` writes (SPEC §10: surrogates, bands,
+        k-anonymity); nothing identifiable is read by the page itself.
+        """
+        if not may_export(viewer):
+            return None
+        with tempfile.TemporaryDirectory(prefix="ontrack-export-") as tmp:
+            res = export_dataset(self.store, self.settings, self.registry, Path(tmp),
+                                 date_from=date_from, date_to=date_to, measures=measures,
+                                 k=k, fmt=fmt, requested_by=viewer.username,
+                                 source="dashboard")
+            return zip_export(Path(tmp)), res.manifest
+
+    def export_log(self, viewer: Viewer, limit: int = 20) -> pd.DataFrame:
+        """Recent exports: directors and admins see everyone's, researchers their own."""
+        if not may_export(viewer):
+            return pd.DataFrame()
+        q = sa.select(exports_log).order_by(exports_log.c.export_id.desc()).limit(limit)
+        if viewer.role == "researcher":
+            q = q.where(exports_log.c.username == viewer.username)
         with self.store.engine.connect() as conn:
             return _frame(conn, q)
 

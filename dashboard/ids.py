@@ -20,3 +20,12 @@ SERVICE_FUNNEL = "service-funnel"
 
 QUALITY_REASON = "quality-reason"
 QUALITY_RECORDS = "quality-records"
+
+EXPORT_RANGE = "export-range"
+EXPORT_MEASURES = "export-measures"
+EXPORT_K = "export-k"
+EXPORT_FORMAT = "export-format"
+EXPORT_SUBMIT = "export-submit"
+EXPORT_SUMMARY = "export-summary"
+EXPORT_DOWNLOAD = "export-download"
+EXPORT_LOG = "export-log"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 import time
@@ -421,7 +422,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         date_from=date.fromisoformat(args.date_from) if args.date_from else None,
         date_to=date.fromisoformat(args.date_to) if args.date_to else None,
         measures=args.measures.split(",") if args.measures else None, k=args.k,
-        fmt=args.format)
+        fmt=args.format, requested_by=args.user or f"cli:{getpass.getuser()}", source="cli")
     m = res.manifest
     print(f"exported {m['rows']['episodes']} episodes and {m['rows']['administrations']} "
           f"administrations to {args.out}; k={m['parameters']['k']} achieved "
@@ -552,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--measures", help="comma-separated codes (default PHQ-9,GAD-7)")
     s.add_argument("--k", type=int, default=5)
     s.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    s.add_argument("--user", help="who asks, for the export log (default cli:<OS user>)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("summary", help="row counts of the store")

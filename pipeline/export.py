@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import secrets
+import zipfile
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -33,9 +35,19 @@ from pipeline.config import Settings
 from pipeline.errors import UsageError
 from pipeline.report import episode_flags_from
 from pipeline.scales import Registry
-from pipeline.store import Store, administrations, clients, episodes, outcomes, read_frame
+from pipeline.store import (
+    Store,
+    administrations,
+    clients,
+    episodes,
+    exports_log,
+    outcomes,
+    read_frame,
+    utcnow,
+)
 
-__all__ = ["QUASI_IDENTIFIERS", "ExportResult", "export_dataset", "surrogate"]
+__all__ = ["QUASI_IDENTIFIERS", "ExportResult", "export_dataset", "log_export", "surrogate",
+           "zip_export"]
 
 QUASI_IDENTIFIERS = ["age_band", "sex", "ethnicity", "team", "start_year"]
 _FINE_AGES = [(0, 17, "<18"), (18, 24, "18-24"), (25, 34, "25-34"), (35, 44, "35-44"),
@@ -101,10 +113,13 @@ def _k_anonymise(ep: pd.DataFrame, k: int) -> tuple[pd.DataFrame, list[str], int
 def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir: Path, *,
                    date_from: date | None = None, date_to: date | None = None,
                    measures: list[str] | None = None, k: int = 5, fmt: str = "csv",
-                   key: bytes | None = None) -> ExportResult:
+                   key: bytes | None = None, requested_by: str | None = None,
+                   source: str = "cli") -> ExportResult:
     """Write the anonymised dataset (episodes, administrations, codebook, manifest).
 
     The cohort is the episodes that *started* within ``date_from``..``date_to``.
+    With ``requested_by``, the export is recorded in the export log (who, when,
+    parameters, row counts; never the key) once every file is written.
     """
     if fmt not in ("csv", "parquet"):
         raise UsageError("format must be csv or parquet", value=fmt)
@@ -211,9 +226,39 @@ def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir
         "generalisation": steps, "records_suppressed": suppressed, "cells_suppressed": 0,
         "files": files,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) +
-                                           "\n", encoding="utf-8")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (out_dir / "manifest.json").write_text(text, encoding="utf-8")
+    if requested_by is not None:
+        log_export(store, requested_by, source, manifest,
+                   hashlib.sha256(text.encode()).hexdigest())
     return ExportResult(out_dir=out_dir, files=files, manifest=manifest)
+
+
+def log_export(store: Store, username: str, source: str, manifest: dict[str, Any],
+               manifest_sha256: str) -> int:
+    """Record an export in the export log; return its id."""
+    with store.transaction() as conn:
+        new = conn.execute(exports_log.insert().values(
+            at=utcnow(), username=username, source=source,
+            parameters=json.dumps(manifest["parameters"], sort_keys=True),
+            episodes=manifest["rows"]["episodes"],
+            administrations=manifest["rows"]["administrations"],
+            records_suppressed=manifest["records_suppressed"],
+            k_achieved=manifest["k_achieved"],
+            generalisation=", ".join(manifest["generalisation"]) or "none",
+            manifest_sha256=manifest_sha256))
+        return int(new.inserted_primary_key[0])  # type: ignore[index]
+
+
+def zip_export(out_dir: Path) -> bytes:
+    """The export's files as one zip, deterministic (sorted names, fixed timestamps)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(out_dir.iterdir()):
+            info = zipfile.ZipInfo(f"ontrack-export/{path.name}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    return buf.getvalue()
 
 
 def _codebook(measures: list[str]) -> pd.DataFrame:

@@ -341,6 +341,22 @@ audit_log = sa.Table(
     sa.Column("target", sa.String(200)),
 )
 
+#: The export log (issue #7): who exported what, when, with which parameters and counts.
+exports_log = sa.Table(
+    "exports_log", metadata,
+    sa.Column("export_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("username", sa.String(100), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),  # cli | dashboard
+    sa.Column("parameters", sa.Text, nullable=False),  # JSON, never the key
+    sa.Column("episodes", sa.Integer, nullable=False),
+    sa.Column("administrations", sa.Integer, nullable=False),
+    sa.Column("records_suppressed", sa.Integer, nullable=False),
+    sa.Column("k_achieved", sa.Integer),
+    sa.Column("generalisation", sa.String(200), nullable=False),
+    sa.Column("manifest_sha256", sa.String(64), nullable=False),
+)
+
 ENTITY_TABLES = {"therapists": therapists, "clients": clients, "episodes": episodes}
 ENTITY_KEYS = {"therapists": "therapist_id", "clients": "client_id", "episodes": "episode_id"}
 #: Fields that may change on a later export of the same entity (anything else conflicts).

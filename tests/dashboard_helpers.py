@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import sqlalchemy as sa
 
 from pipeline.compute import compute
@@ -54,3 +56,30 @@ def episode_of(store: Store, therapist_id: str, open_only: bool = True) -> str:
         if open_only:
             q = q.where(episodes.c.end_date.is_(None))
         return str(conn.execute(q.order_by(episodes.c.episode_id).limit(1)).scalar_one())
+
+
+def assert_anonymous(directory: Path) -> None:
+    """No identifier value of the sample's clients.csv/episodes.csv in any exported file."""
+    clients = pd.read_csv(SAMPLE / "clients.csv", dtype=str)
+    episodes_in = pd.read_csv(SAMPLE / "episodes.csv", dtype=str)
+    text = "\n".join(p.read_text(encoding="utf-8") for p in directory.iterdir()
+                     if p.suffix in (".csv", ".json"))
+    cells: set[str] = set()
+    for path in directory.glob("*.csv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            for row in csv.reader(fh):
+                cells.update(row)
+    # Long identifiers must not appear even as substrings.
+    for col in ("birth_date", "record_number", "postcode", "client_id"):
+        for value in clients[col].dropna():
+            assert value not in text, (col, value)
+    for value in episodes_in["episode_id"]:
+        assert value not in text
+    # Names: no cell equals a name (short names occur inside ordinary words).
+    names = set(clients["given_name"].dropna()) | set(clients["family_name"].dropna())
+    assert not names & cells
+    full = set((clients["given_name"] + " " + clients["family_name"]).dropna())
+    assert not any(n in text for n in full)
+    # No calendar date finer than a year anywhere.
+    assert not any(len(c) >= 10 and c[4] == "-" and c[7] == "-" and c[:4].isdigit()
+                   for c in cells)

@@ -42,7 +42,8 @@ def test_callback_post_without_session_is_401(env: dict[str, Any]) -> None:
     assert b"episode" not in r.data
 
 
-@pytest.mark.parametrize("path", ["/", "/client/E000001", "/service", "/quality"])
+@pytest.mark.parametrize("path", ["/", "/client/E000001", "/service", "/quality",
+                                  "/export"])
 def test_pages_redirect_to_login(env: dict[str, Any], path: str) -> None:
     r = client_for(env, None).get(path)
     assert r.status_code == 302 and "/login" in r.headers["Location"]
@@ -168,7 +169,7 @@ def test_client_view_is_audited_and_renders(env: dict[str, Any]) -> None:
         assert "Episode not found" in str(client_page.layout(episode_id=foreign))
     log = env["store"].read_table("audit_log")
     assert ((log["action"] == "view_client") & (log["target"] == own)).any()
-    assert not (log["target"] == foreign).any()
+    assert not ((log["target"] == foreign) & (log["username"] == "therapist")).any()
 
 
 def test_service_page_numbers_equal_the_report(env: dict[str, Any]) -> None:
@@ -187,3 +188,82 @@ def test_service_page_numbers_equal_the_report(env: dict[str, Any]) -> None:
     # Team rows add up to the whole.
     assert int(s["team"]["finished_episodes"].sum()) == rep["finished_episodes"]
     assert data.service(_viewer(env, "therapist")) is None
+
+
+_EXPORT_OUT = [("export-summary", "children"), ("export-download", "data"),
+               ("export-log", "children")]
+
+
+def _export_state(k: Any = 5, measures: Any = ("PHQ-9", "GAD-7")) -> list[dict[str, Any]]:
+    return [{"id": "export-range", "property": "start_date", "value": None},
+            {"id": "export-range", "property": "end_date", "value": None},
+            {"id": "export-measures", "property": "value", "value": list(measures)},
+            {"id": "export-k", "property": "value", "value": k},
+            {"id": "export-format", "property": "value", "value": "csv"}]
+
+
+def test_export_callback_refuses_a_therapist(env: dict[str, Any]) -> None:
+    before = len(env["store"].read_table("exports_log"))
+    r = _callback(client_for(env, "therapist"), _EXPORT_OUT,
+                  [{"id": "export-submit", "property": "n_clicks", "value": 1}],
+                  _export_state())
+    assert r.status_code == 200
+    body = r.get_data(as_text=True)
+    assert "do not have access" in body and "base64" not in body
+    assert len(env["store"].read_table("exports_log")) == before
+    # The page itself is refused too.
+    from dashboard.access import may_export
+    assert not may_export(_viewer(env, "therapist"))
+
+
+def test_researcher_downloads_an_anonymous_zip_and_the_export_is_logged(
+        env: dict[str, Any], tmp_path: Any) -> None:
+    import base64
+    import io
+    import zipfile
+
+    from tests.dashboard_helpers import assert_anonymous
+
+    r = _callback(client_for(env, "researcher"), _EXPORT_OUT,
+                  [{"id": "export-submit", "property": "n_clicks", "value": 1}],
+                  _export_state(k=6))
+    assert r.status_code == 200
+    resp = r.get_json()["response"]
+    data = resp["export-download"]["data"]
+    assert data["filename"].startswith("ontrack-export-") and data["base64"]
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(data["content"]))) as zf:
+        zf.extractall(tmp_path)
+    out = tmp_path / "ontrack-export"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["parameters"]["k"] == 6 and manifest["k_achieved"] >= 6
+    assert_anonymous(out)
+    summary = json.dumps(resp["export-summary"]["children"])
+    assert f"{manifest['rows']['episodes']} episodes" in summary
+    assert f"{manifest['records_suppressed']} of 400 episodes" in summary
+    log = env["store"].read_table("exports_log")
+    row = log.iloc[-1]
+    assert row["username"] == "researcher" and row["source"] == "dashboard"
+    assert int(row["episodes"]) == manifest["rows"]["episodes"]
+    assert json.loads(row["parameters"])["k"] == 6
+    # The researcher's log shows their own exports only; the director sees everyone's.
+    data_access: DataAccess = env["app"].server.config["ONTRACK_DATA"]
+    assert set(data_access.export_log(_viewer(env, "researcher"))["username"]) == \
+        {"researcher"}
+    assert data_access.export_log(_viewer(env, "therapist")).empty
+
+
+@pytest.mark.parametrize("k, measures, message", [
+    (1, ["PHQ-9"], "k must be a whole number"),
+    ("5; DROP TABLE", ["PHQ-9"], "k must be a whole number"),
+    (5, [], "Choose at least one measure"),
+    (5, ["NOPE"], "unknown measures"),
+])
+def test_export_callback_rejects_bad_options_clearly(env: dict[str, Any], k: Any,
+                                                     measures: list[str],
+                                                     message: str) -> None:
+    r = _callback(client_for(env, "director"), _EXPORT_OUT,
+                  [{"id": "export-submit", "property": "n_clicks", "value": 1}],
+                  _export_state(k=k, measures=measures))
+    assert r.status_code == 200
+    body = r.get_data(as_text=True)
+    assert message in body and "base64" not in body and "Traceback" not in body

@@ -132,3 +132,32 @@ def test_director_pages(server: dict[str, Any], browser: Any) -> None:
     page.wait_for_selector("#quality-records .ag-center-cols-container .ag-row", timeout=15000)
     shot(page, "director-quality")
     assert errors == [], errors
+
+
+def test_researcher_export_page(server: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+    import zipfile
+
+    url = server["url"]
+    page, errors = login(browser, url, "researcher")
+    # Researchers have no caseload: the navigation offers only aggregates and exports.
+    nav = page.inner_text("nav")
+    assert "Caseload" not in nav and "Research export" in nav
+    page.goto(f"{url}/export")
+    page.wait_for_selector("#export-submit", timeout=15000)
+    assert "Research export" in page.inner_text("h2")
+    shot(page, "researcher-export")
+    with page.expect_download(timeout=60000) as info:
+        page.click("#export-submit")
+    download = info.value
+    target = tmp_path / download.suggested_filename
+    download.save_as(target)
+    with zipfile.ZipFile(target) as zf:
+        assert "ontrack-export/manifest.json" in zf.namelist()
+    page.wait_for_selector("#export-ok", timeout=15000)
+    assert "episodes and" in page.inner_text("#export-ok")
+    page.wait_for_function(
+        "document.querySelector('#export-log').innerText.includes('dashboard')",
+        timeout=15000)
+    assert "researcher" in page.inner_text("#export-log")
+    shot(page, "researcher-export-done")
+    assert errors == [], errors

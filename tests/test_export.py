@@ -4,8 +4,11 @@ reproducible and unlinkable, and rates that reconcile with `ontrack report`."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
+import zipfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,7 +17,7 @@ import pytest
 from pipeline.export import QUASI_IDENTIFIERS, _neutralise, export_dataset, surrogate
 from pipeline.report import episode_flags
 from pipeline.scales import load_registry
-from tests.dashboard_helpers import SAMPLE, computed_sample
+from tests.dashboard_helpers import assert_anonymous, computed_sample
 
 KEY = b"test-export-key-1"
 
@@ -28,35 +31,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"store": store, "settings": settings, "reg": reg, "dir": d, "res": res}
 
 
-def _cells(directory: Path) -> set[str]:
-    cells: set[str] = set()
-    for path in directory.glob("*.csv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            for row in csv.reader(fh):
-                cells.update(row)
-    return cells
-
-
 def test_no_identifier_of_clients_csv_appears_anywhere(sample: dict[str, Any]) -> None:
-    clients = pd.read_csv(SAMPLE / "clients.csv", dtype=str)
-    episodes = pd.read_csv(SAMPLE / "episodes.csv", dtype=str)
-    out = sample["dir"] / "out"
-    text = "\n".join(p.read_text(encoding="utf-8") for p in out.iterdir())
-    cells = _cells(out)
-    # Long identifiers must not appear even as substrings.
-    for col in ("birth_date", "record_number", "postcode", "client_id"):
-        for value in clients[col].dropna():
-            assert value not in text, (col, value)
-    for value in episodes["episode_id"]:
-        assert value not in text
-    # Names: no cell equals a name (short names occur inside ordinary words).
-    names = set(clients["given_name"].dropna()) | set(clients["family_name"].dropna())
-    assert not names & cells
-    full = set((clients["given_name"] + " " + clients["family_name"]).dropna())
-    assert not any(n in text for n in full)
-    # No calendar date finer than a year anywhere.
-    assert not any(len(c) >= 10 and c[4] == "-" and c[7] == "-" and c[:4].isdigit()
-                   for c in cells)
+    assert_anonymous(sample["dir"] / "out")
 
 
 def test_k_anonymity_holds_by_an_independent_check(sample: dict[str, Any]) -> None:
@@ -113,3 +89,44 @@ def test_spreadsheet_formulas_are_neutralised() -> None:
     assert out["team"].tolist() == ["'=HYPERLINK(\"http://x\")", "'+1", "'@SUM(A1)", "North",
                                     "'-x"]
     assert out["rci"].tolist() == [-2.5, 1.0, 0.0, 3.0, -1.0]  # numbers stay numbers
+
+
+def test_cli_export_is_logged_without_the_key(sample: dict[str, Any], capsys: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.cli import main
+
+    s = sample
+    monkeypatch.setenv("ONTRACK_EXPORT_KEY", "cli-log-key-xyz")
+    monkeypatch.setenv("ONTRACK_DATABASE_URL", s["settings"].resolved_database_url)
+    before = len(s["store"].read_table("exports_log"))
+    assert main(["export", "--out", str(s["dir"] / "cli"), "--k", "7", "--from", "2024-01-01",
+                 "--measures", "PHQ-9", "--user", "dr-research"]) == 0
+    log = s["store"].read_table("exports_log")
+    assert len(log) == before + 1
+    row = log.iloc[-1]
+    manifest_text = (s["dir"] / "cli" / "manifest.json").read_text(encoding="utf-8")
+    manifest = json.loads(manifest_text)
+    assert row["username"] == "dr-research" and row["source"] == "cli"
+    params = json.loads(row["parameters"])
+    assert params == {"from": "2024-01-01", "to": None, "measures": ["PHQ-9"], "k": 7,
+                      "format": "csv", "key": "from ONTRACK_EXPORT_KEY"}
+    assert int(row["episodes"]) == manifest["rows"]["episodes"] > 0
+    assert int(row["administrations"]) == manifest["rows"]["administrations"] > 0
+    assert int(row["records_suppressed"]) == manifest["records_suppressed"]
+    assert int(row["k_achieved"]) >= 7
+    assert row["manifest_sha256"] == hashlib.sha256(manifest_text.encode()).hexdigest()
+    assert "cli-log-key-xyz" not in log.to_csv()
+
+
+def test_zip_is_deterministic_and_complete(sample: dict[str, Any]) -> None:
+    from pipeline.export import zip_export
+
+    out = sample["dir"] / "out"
+    first, second = zip_export(out), zip_export(out)
+    assert first == second
+    with zipfile.ZipFile(io.BytesIO(first)) as zf:
+        names = sorted(zf.namelist())
+        assert names == [f"ontrack-export/{n}" for n in
+                         ("administrations.csv", "codebook.csv", "episodes.csv",
+                          "manifest.json")]
+        assert zf.read("ontrack-export/episodes.csv") == (out / "episodes.csv").read_bytes()

@@ -88,7 +88,7 @@ class DataAccess:
 
     def data_version(self) -> tuple[int, int, int]:
         """(latest compute run, review, batch): changes whenever what we show may change."""
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             return tuple(int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(c), 0)))
                              .scalar_one())
                          for c in (compute_runs.c.run_id, reviews.c.review_id,
@@ -110,7 +110,7 @@ class DataAccess:
     # ------------------------------------------------------------------ caseload
     def options(self, viewer: Viewer) -> dict[str, list[str]]:
         """Teams and therapists the viewer may filter by."""
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             ep = _frame(conn, sa.select(episodes.c.team, episodes.c.therapist_id)
                         .where(episode_clause(viewer)).distinct())
         return {"teams": sorted(ep["team"].dropna().unique().tolist()),
@@ -138,7 +138,7 @@ class DataAccess:
         # IN (subquery) lets the database drive from the few visible open episodes
         # through each table's episode index.
         visible = sa.select(episodes.c.episode_id).where(cond).scalar_subquery()
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             out = _frame(conn, sa.select(
                 episodes.c.episode_id, episodes.c.team, episodes.c.therapist_id,
                 episodes.c.start_date, clients.c.given_name, clients.c.family_name,
@@ -187,7 +187,7 @@ class DataAccess:
         """Everything the client page shows, or None when not visible (= not found)."""
         if not may_see_clients(viewer):
             return None
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             head = conn.execute(sa.select(
                 episodes, clients.c.given_name, clients.c.family_name, clients.c.birth_date,
                 therapists.c.name.label("therapist"))
@@ -219,7 +219,7 @@ class DataAccess:
         """Whether the episode exists and the viewer may see it."""
         if not may_see_clients(viewer):
             return False
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             row = conn.execute(sa.select(episodes.c.episode_id).where(
                 episode_clause(viewer) & (episodes.c.episode_id == episode_id))).first()
         return row is not None
@@ -248,7 +248,7 @@ class DataAccess:
     def _service(self) -> dict[str, pd.DataFrame]:
         es = episode_service
         cols = ["finished", "at_caseness", *METRICS]
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             # Per-episode SPEC §5 flags are written by compute; here they are only summed.
             # Summed in SQL down to team x therapist x month x finished cells.
             keys = [es.c.team, es.c.therapist_id, es.c.end_month]
@@ -265,7 +265,7 @@ class DataAccess:
             agg = done.groupby(key)[cols].sum().reset_index() \
                 .rename(columns={"finished": "finished_episodes"})
             out[key] = rates_from_counts(agg) if not agg.empty else pd.DataFrame()
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             counts = _frame(conn, sa.select(flags.c.kind, flags.c.state,
                                             sa.func.count().label("n"))
                             .group_by(flags.c.kind, flags.c.state))
@@ -289,7 +289,7 @@ class DataAccess:
         """Batches, quarantine counts, paired-score completeness, compute runs."""
         if not may_see_service(viewer):
             return None
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             bt = _frame(conn, sa.select(batches).order_by(batches.c.batch_id.desc()))
             q = _frame(conn, sa.select(quarantine.c.reason, sa.func.count().label("records"))
                        .group_by(quarantine.c.reason))
@@ -322,7 +322,7 @@ class DataAccess:
                       quarantine.c.raw).order_by(quarantine.c.quarantine_id).limit(500)
         if reason:
             q = q.where(quarantine.c.reason == reason)
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             return _frame(conn, q)
 
     # ------------------------------------------------------------------ export
@@ -330,7 +330,7 @@ class DataAccess:
         """Measures with scores and the range of episode start dates, for the form."""
         if not may_export(viewer):
             return None
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             lo, hi = conn.execute(sa.select(sa.func.min(episodes.c.start_date),
                                             sa.func.max(episodes.c.start_date))).one()
             measures = [r[0] for r in conn.execute(
@@ -363,7 +363,7 @@ class DataAccess:
         q = sa.select(exports_log).order_by(exports_log.c.export_id.desc()).limit(limit)
         if viewer.role == "researcher":
             q = q.where(exports_log.c.username == viewer.username)
-        with self.store.engine.connect() as conn:
+        with self.store.snapshot() as conn:
             return _frame(conn, q)
 
 

@@ -341,6 +341,17 @@ audit_log = sa.Table(
     sa.Column("target", sa.String(200)),
 )
 
+#: Failed sign-ins, for throttling across every dashboard worker process. The key is an
+#: HMAC of ``user:<name>`` or ``addr:<address>`` (what was typed as a username may be a
+#: password): never readable, only countable. Rows older than the window are deleted.
+login_failures = sa.Table(
+    "login_failures", metadata,
+    sa.Column("failure_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Index("ix_login_failures_key_at", "key_hash", "at"),
+)
+
 #: The export log (issue #7): who exported what, when, with which parameters and counts.
 exports_log = sa.Table(
     "exports_log", metadata,
@@ -374,11 +385,28 @@ def utcnow() -> datetime:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # The driver's own transaction handling never BEGINs before a SELECT, so two reads
+    # of one request could see two different commits. We emit BEGIN ourselves (see
+    # _sqlite_begin): SQLAlchemy's documented recipe for pysqlite.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers take the write lock up front (BEGIN IMMEDIATE) and wait for it through
+    # busy_timeout; a deferred writer that read first could fail with SQLITE_BUSY when
+    # another writer commits in between. Readers BEGIN deferred: a WAL snapshot.
+    mode = conn.get_execution_options().get("ontrack_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if mode else "BEGIN")
+
+
+#: Key of the PostgreSQL advisory lock that serialises OnTrack's write transactions
+#: (as SQLite does): a cycle and a plan review never interleave their reads and writes.
+WRITE_LOCK_KEY = 0x0A7_7AC4
 
 
 class Store:
@@ -397,6 +425,7 @@ class Store:
                              fix="set ONTRACK_DATABASE_URL to a valid SQLAlchemy URL") from exc
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
 
     @property
     def dialect(self) -> str:
@@ -429,8 +458,31 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """One database transaction: committed on success, rolled back on any error."""
-        with self.engine.begin() as conn:
+        """One write transaction: committed on success, rolled back on any error.
+
+        Write transactions are serialised (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a
+        transaction-scoped advisory lock), so two writers, say a cycle and a plan review,
+        never lose each other's writes; a process killed inside one leaves nothing.
+        """
+        with self.engine.connect() as conn:
+            conn.execution_options(ontrack_write=True)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                                 {"k": WRITE_LOCK_KEY})
+                yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read-only connection whose every query sees one committed state.
+
+        SQLite: a deferred transaction in WAL mode; PostgreSQL: REPEATABLE READ, READ
+        ONLY. The dashboard reads through this, so a page never mixes two compute runs.
+        """
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ",
+                                       postgresql_readonly=True)
             yield conn
 
     # ------------------------------------------------------------------ reads

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from pipeline.config import Settings, load_settings
 from pipeline.ingest.batch import IngestReport, ingest_paths
@@ -57,12 +61,61 @@ def now() -> datetime:
     return NOW
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path}/t.db")
-    s.init()
-    yield s
-    s.engine.dispose()
+#: The PostgreSQL server of the run, taken out of the environment so that no other test
+#: (CLI, subprocess) writes to it by accident: each gets its own schema or SQLite file.
+_POSTGRES_URL = os.environ.pop("ONTRACK_DATABASE_URL", "")
+
+
+def postgres_url() -> str | None:
+    """The PostgreSQL server of the run (``ONTRACK_DATABASE_URL``), or None.
+
+    CI (``.ci/run``) always sets it; a CI run without it fails rather than skipping the
+    PostgreSQL half of the store tests.
+    """
+    url = _POSTGRES_URL
+    if url.startswith("postgresql"):
+        return url
+    if os.environ.get("CI"):
+        pytest.fail("CI must set ONTRACK_DATABASE_URL to a PostgreSQL server (see .ci/run)")
+    return None
+
+
+@contextmanager
+def fresh_store(kind: str, directory: Path) -> Iterator[Store]:
+    """An empty, initialised store: a SQLite file, or a private PostgreSQL schema that is
+    dropped afterwards (one schema per test, so tests never see each other's rows)."""
+    if kind == "sqlite":
+        s = Store(f"sqlite:///{directory}/t.db")
+        s.init()
+        try:
+            yield s
+        finally:
+            s.engine.dispose()
+        return
+    base = postgres_url()
+    if base is None:
+        pytest.skip("set ONTRACK_DATABASE_URL=postgresql+psycopg://... to run on PostgreSQL")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    s = Store(f"{base}{sep}options=-csearch_path%3D{schema}")
+    try:
+        s.init()
+        yield s
+    finally:
+        s.engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Every store test runs on SQLite and on PostgreSQL."""
+    with fresh_store(request.param, tmp_path) as s:
+        yield s
 
 
 @pytest.fixture

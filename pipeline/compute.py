@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from pipeline import flags as flag_rules
 from pipeline.config import Settings
+from pipeline.faults import crash_point
 from pipeline.goals import goal_status
 from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
@@ -308,6 +309,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
                 conn.execute(expected_curves.insert(),
                              _to_rows(reference.curves, expected_curves, run_id))
         timings["write"] = time.perf_counter() - t3
+        crash_point("compute.written")
 
         t4 = time.perf_counter()
         # Flags, goal status and the per-episode summaries: every episode on a full run;
@@ -337,6 +339,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
             finished_at=utcnow(), status="done", episodes=n_episodes))
+        crash_point("compute.commit")
     timings["total"] = time.perf_counter() - t0
     return ComputeReport(run_id=run_id, mode=mode, episodes=n_episodes,
                          outcome_rows=len(out), sudden_rows=len(sudden),

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from datetime import date
@@ -33,6 +34,7 @@ import sqlalchemy as sa
 from pipeline import __version__
 from pipeline.config import Settings
 from pipeline.errors import UsageError
+from pipeline.faults import crash_point
 from pipeline.report import episode_flags_from
 from pipeline.scales import Registry
 from pipeline.store import (
@@ -53,7 +55,8 @@ QUASI_IDENTIFIERS = ["age_band", "sex", "ethnicity", "team", "start_year"]
 _FINE_AGES = [(0, 17, "<18"), (18, 24, "18-24"), (25, 34, "25-34"), (35, 44, "35-44"),
               (45, 54, "45-54"), (55, 64, "55-64"), (65, 200, "65+")]
 _COARSE_AGES = [(0, 17, "<18"), (18, 34, "18-34"), (35, 54, "35-54"), (55, 200, "55+")]
-_DANGEROUS = ("=", "+", "-", "@")
+# OWASP CSV injection: the four formula starters, and tab and carriage return.
+_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def surrogate(key: bytes, kind: str, value: str) -> str:
@@ -202,11 +205,19 @@ def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir
     episodes_out = out.drop(columns=["_age", "_episode_id"]).sort_values(
         "episode_sid", kind="stable")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Files are written into a staging directory beside the target and moved into place
+    # only when complete (and logged), so a process killed half-way never leaves an
+    # export that looks finished.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     files: dict[str, str] = {}
     for name, frame in (("episodes", episodes_out), ("administrations", a_out),
                         ("codebook", _codebook(measures))):
-        path = out_dir / f"{name}.{fmt if name != 'codebook' else 'csv'}"
+        if files:
+            crash_point("export.files")
+        path = stage / f"{name}.{fmt if name != 'codebook' else 'csv'}"
         frame = frame.reset_index(drop=True)
         if path.suffix == ".csv":
             _neutralise(frame).to_csv(path, index=False, lineterminator="\n")
@@ -227,11 +238,24 @@ def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir
         "files": files,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    (out_dir / "manifest.json").write_text(text, encoding="utf-8")
+    (stage / "manifest.json").write_text(text, encoding="utf-8")
+    # Logged before it is published: an export on disk is never missing from the log.
     if requested_by is not None:
         log_export(store, requested_by, source, manifest,
                    hashlib.sha256(text.encode()).hexdigest())
+    _publish(stage, out_dir)
     return ExportResult(out_dir=out_dir, files=files, manifest=manifest)
+
+
+def _publish(stage: Path, out_dir: Path) -> None:
+    """Move a complete staged export to ``out_dir`` (replacing an earlier export there)."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        stage.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        stage.rename(out_dir)
 
 
 def log_export(store: Store, username: str, source: str, manifest: dict[str, Any],

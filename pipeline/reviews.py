@@ -15,6 +15,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from pipeline.errors import UsageError
+from pipeline.faults import crash_point
 from pipeline.store import Store, episodes, flags, goals, plans, reviews, utcnow
 
 __all__ = ["DECISIONS", "ReviewResult", "record_review"]
@@ -94,6 +95,7 @@ def record_review(store: Store, episode_id: str, *, reviewer: str, decision: str
             episode_id=episode_id, reviewed_at=now, reviewer=reviewer, decision=decision,
             note=note, next_review=next_review, risk_assessed=risk_assessed,
             plan_version=version, flags_acknowledged=0)).inserted_primary_key[0])  # type: ignore[index]
+        crash_point("review.inserted")
         res = conn.execute(flags.update().where(
             (flags.c.episode_id == episode_id) & (flags.c.state == "open") & kinds_acked
         ).values(state="acknowledged", acknowledged_at=now, review_id=review_id))

@@ -62,9 +62,11 @@ class Settings:
     missing_measures_weeks: int = 4
     #: Response: at least this % reduction from baseline (NQF 1885).
     response_pct: float = 50.0
-    #: Largest input file accepted, in bytes (hostile-input guard).
+    #: Largest input file accepted, in bytes (hostile-input guard): a larger file is not
+    #: parsed; its records are quarantined as ``file_too_large``.
     max_file_bytes: int = 2 * 1024**3
-    #: Largest single CSV field accepted, in characters.
+    #: Largest single field accepted, in characters (CSV or FHIR); a longer one is
+    #: quarantined as ``field_too_large`` (as is one wider than its store column).
     max_field_chars: int = 10_000
     #: Rows per chunk when streaming a CSV through validation and scoring.
     chunk_rows: int = 200_000
@@ -74,6 +76,16 @@ class Settings:
     schedule_cron: str = "*/15 * * * *"
     #: Flask secret key for the dashboard (environment only).
     secret_key: str = field(default="", repr=False)
+    #: ``"development"`` or ``"production"``: in production the dashboard refuses to start
+    #: without its own secret key (>= 32 characters) and sends cookies over HTTPS only.
+    environment: str = "development"
+    #: Sign-in throttling: at most this many failed sign-ins per username and per client
+    #: address within the window; further attempts are refused (HTTP 429) until it passes.
+    login_max_failures: int = 5
+    login_window_seconds: float = 60.0
+    #: Reverse proxies in front of the dashboard whose ``X-Forwarded-For`` is trusted (0:
+    #: none). Behind nginx set 1, or every user shares the proxy's address for throttling.
+    proxy_hops: int = 0
 
     def caseness(self, setting: str | None, default: int | None) -> int | None:
         """A scale's caseness cut-off, overridden by the setting the registry names."""
@@ -162,4 +174,18 @@ def load_settings(
             "reliable_change_method must be 'fixed' or 'jt'",
             value=settings.reliable_change_method,
         )
+    if settings.environment not in {"development", "production"}:
+        raise ConfigError("environment must be 'development' or 'production'",
+                          value=settings.environment, fix="set ONTRACK_ENVIRONMENT")
+    if settings.login_max_failures < 1 or not settings.login_window_seconds > 0:
+        raise ConfigError("login_max_failures must be at least 1 and login_window_seconds "
+                          "above 0", value=(settings.login_max_failures,
+                                            settings.login_window_seconds))
+    if settings.proxy_hops < 0:
+        raise ConfigError("proxy_hops must be 0 or more", value=settings.proxy_hops)
+    # A zero or negative limit would reject every file or field (or loop on empty chunks).
+    for name in ("max_file_bytes", "max_field_chars", "chunk_rows"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting {name!r} must be a positive whole number",
+                              value=getattr(settings, name), fix="correct the value")
     return settings

@@ -27,10 +27,11 @@ class Reason(StrEnum):
     TOO_MANY_MISSING_ITEMS = "too_many_missing_items"  #: more missing items than proration allows
     TOTAL_OUT_OF_RANGE = "total_out_of_range"  #: a supplied total outside the scale's range
     CONFLICT = "conflict"  #: same identity as an accepted record, different content
-    BAD_ENCODING = "bad_encoding"  #: bytes that are not UTF-8
+    BAD_ENCODING = "bad_encoding"  #: bytes that are not UTF-8, a NUL or lone-surrogate character
     UNPARSEABLE = "unparseable"  #: wrong field count, broken JSON, a resource we cannot read
     UNSUPPORTED_RESOURCE = "unsupported_resource"  #: a FHIR resource type OnTrack does not ingest
-    FIELD_TOO_LARGE = "field_too_large"  #: a field longer than the configured limit
+    FIELD_TOO_LARGE = "field_too_large"  #: a field longer than max_field_chars or its column
+    FILE_TOO_LARGE = "file_too_large"  #: the file is over max_file_bytes (not parsed at all)
     UNREADABLE_FILE = "unreadable_file"  #: the whole file could not be read (see its error)
 
 

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import sqlalchemy as sa
 
+from pipeline import store
 from pipeline.errors import ValidationError
 from pipeline.ingest.formats import QuarantineRecord
 from pipeline.reasons import Reason
@@ -40,10 +42,30 @@ GOAL_KINDS = ("below", "reduction_pct", "reliable_improvement", "remission", "re
 # and would overflow int64 on parsing (crash) instead of being quarantined as bad_value.
 #: Administrations dated before this are taken for typing errors (e.g. 0001-01-01).
 EARLIEST = "1990-01-01"
-_INT_RE = r"^\s*[+-]?0*\d{1,9}(\.0*)?\s*$"
-_OFFSET_RE = re.compile(r"(?:Z|[+-]\d{2}(?::?\d{2})?)$")
-_DATE_RE = r"^\d{4}-\d{2}-\d{2}$"
-_SESSION_DUE_RE = r"^session:(\d+)$"
+# [0-9], not \d: \d also matches other scripts' digits ("١", "٣"), which the number parsers
+# then turn into NaN (a given answer silently read as missing) or reject.
+_INT_RE = r"^\s*[+-]?0*[0-9]{1,9}(\.0*)?\s*$"
+_OFFSET_RE = re.compile(r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)$")
+_DATE_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+# At most 9 digits, as for _INT_RE: a longer session number overflows the Int64 cast.
+_SESSION_DUE_RE = r"^session:([0-9]{1,9})$"
+
+
+def _widths(table: sa.Table) -> dict[str, int]:
+    """Character widths of a store table's bounded text columns (VARCHAR(n))."""
+    return {c.name: int(c.type.length) for c in table.c
+            if isinstance(c.type, sa.String) and c.type.length}
+
+
+# Fields wider than their store column are quarantined (PostgreSQL would reject the whole
+# batch, and the scored-administration schema would raise). Closed vocabularies (measure,
+# goal kind, end reason) are left to their own, more telling check.
+_CLOSED = {"measure", "kind", "end_reason"}
+_WIDTHS: dict[str, dict[str, int]] = {
+    kind: {c: w for c, w in _widths(table).items() if c not in _CLOSED}
+    for kind, table in (("administrations", store.administrations), ("plans", store.goals),
+                        *store.ENTITY_TABLES.items())
+}
 
 
 @dataclass
@@ -143,12 +165,19 @@ def _ints(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     return parsed.astype("Int64"), present & ~good
 
 
-def _field_too_large(m: _Marker, frame: pd.DataFrame, columns: list[str], limit: int) -> None:
+def _field_too_large(m: _Marker, frame: pd.DataFrame, columns: list[str], limit: int,
+                     kind: str) -> None:
+    """Mark fields longer than ``max_field_chars`` or than their store column's width."""
+    widths = _WIDTHS.get(kind, {})
     for col in columns:
-        long = frame[col].str.len() > limit
+        width = widths.get(col, limit)
+        cap = min(limit, width)
+        long = frame[col].str.len() > cap
         if long.any():
+            why = (" (the setting max_field_chars)" if cap == limit else
+                   f" (the width of the store's {col!r} column)")
             m.mark(long, Reason.FIELD_TOO_LARGE,
-                   f"column {col!r}: value longer than {limit} characters")
+                   f"column {col!r}: value longer than {cap} characters{why}")
 
 
 def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
@@ -161,7 +190,7 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
             frame[col] = ""
     original = [c for c in frame.columns if c != "_line"]
     m = _Marker(frame)
-    _field_too_large(m, frame, original, ctx.max_field_chars)
+    _field_too_large(m, frame, original, ctx.max_field_chars, "administrations")
 
     ep = frame["episode_id"].str.strip()
     measure = frame["measure"].str.strip()
@@ -326,7 +355,7 @@ def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
     """Validate raw therapists, clients, episodes or plans records."""
     original = [c for c in frame.columns if c != "_line"]
     m = _Marker(frame)
-    _field_too_large(m, frame, original, ctx.max_field_chars)
+    _field_too_large(m, frame, original, ctx.max_field_chars, kind)
     out: dict[str, Any] = {}
     today = pd.Timestamp(ctx.now).date()
     if kind == "therapists":
@@ -374,8 +403,10 @@ def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
         m.mark(~req["kind"].isin(GOAL_KINDS), Reason.BAD_VALUE,
                _say("kind", req["kind"], f"one of {', '.join(GOAL_KINDS)}"))
         target = pd.to_numeric(req["target"].where(req["target"] != ""), errors="coerce")
-        m.mark((req["target"] != "") & target.isna(), Reason.BAD_VALUE,
-               _say("target", req["target"], "a number"))
+        # "inf", "1e999" and "nan" parse as floats, but no goal can be judged against them.
+        finite = np.isfinite(target.astype("float64").to_numpy())  # NaN (empty) -> False
+        m.mark((req["target"] != "").to_numpy() & ~finite, Reason.BAD_VALUE,
+               _say("target", req["target"], "a finite number"))
         due = req["due"]
         due_session = due.str.extract(_SESSION_DUE_RE)[0]
         is_date = due.str.match(_DATE_RE, na=False)

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from pipeline import flags
 from pipeline.config import Settings
 from pipeline.errors import IngestError, UnreadableFileError
+from pipeline.faults import crash_point
 from pipeline.ingest.csv_reader import open_csv
 from pipeline.ingest.fhir_reader import read_fhir
 from pipeline.ingest.formats import INGEST_ORDER, QuarantineRecord, RawChunk
@@ -135,12 +136,19 @@ class _Opened:
     def __init__(self, path: Path, settings: Settings, registry: Registry) -> None:
         self.path = path
         self.error: UnreadableFileError | None = None
+        #: The quarantine reason of every record when the file is rejected.
+        self.reason = Reason.UNREADABLE_FILE
         self.kind: str | None = None
         self._chunks: Iterator[RawChunk] | None = None
-        if path.stat().st_size > settings.max_file_bytes:
+        size = path.stat().st_size
+        if size > settings.max_file_bytes:
+            # Checked before any parsing, so a huge (or hostile) file costs no memory.
+            self.reason = Reason.FILE_TOO_LARGE
             self.error = UnreadableFileError(
-                f"file is larger than the {settings.max_file_bytes}-byte limit",
-                file=str(path), fix="split the file or raise max_file_bytes")
+                f"file is {size} bytes, over the {settings.max_file_bytes}-byte limit",
+                file=str(path), size_bytes=size, limit_bytes=settings.max_file_bytes,
+                fix="split the file, or raise the max_file_bytes setting "
+                "(ONTRACK_MAX_FILE_BYTES or max_file_bytes in ontrack.toml)")
             return
         try:
             if _looks_json(path):
@@ -165,19 +173,22 @@ class _Opened:
         return self._chunks
 
 
-def _rejected_records(path: Path, error: UnreadableFileError) -> list[QuarantineRecord]:
-    """Quarantine an unreadable file: one record per data line of text, else one."""
-    data = path.read_bytes()[:64 << 20]
+def _rejected_records(path: Path, error: UnreadableFileError,
+                      reason: Reason = Reason.UNREADABLE_FILE) -> list[QuarantineRecord]:
+    """Quarantine a rejected file: one record per data line of text (in its first 64 MiB),
+    else one record for the whole file."""
+    with path.open("rb") as fh:
+        data = fh.read(64 << 20)  # not read_bytes(): the file may be over max_file_bytes
     if b"\x00" in data[:65536] or not data.strip():
         raw = QuarantineRecord.raw_json(data[:2000].decode("utf-8", "backslashreplace"))
-        return [QuarantineRecord(None, Reason.UNREADABLE_FILE, str(error), raw, "file")]
+        return [QuarantineRecord(None, reason, str(error), raw, "file")]
     lines = data.decode("utf-8", "backslashreplace").splitlines()
     out = []
     for i, line in enumerate(lines[1:], start=2):
         if line.strip():
-            out.append(QuarantineRecord(i, Reason.UNREADABLE_FILE, str(error),
+            out.append(QuarantineRecord(i, reason, str(error),
                                         QuarantineRecord.raw_json(line[:20000]), f"line {i}"))
-    return out or [QuarantineRecord(1, Reason.UNREADABLE_FILE, str(error),
+    return out or [QuarantineRecord(1, reason, str(error),
                                     QuarantineRecord.raw_json(lines[0][:20000] if lines else ""),
                                     "line 1")]
 
@@ -228,7 +239,7 @@ class _Ingestor:
             if op.error is not None:
                 rep.status = "rejected"
                 rep.error = str(op.error)
-                self._quarantine(conn, rep, _rejected_records(op.path, op.error))
+                self._quarantine(conn, rep, _rejected_records(op.path, op.error, op.reason))
             else:
                 ctx = self.context(conn)
                 for chunk in op.chunks():
@@ -241,6 +252,7 @@ class _Ingestor:
                         self._administrations(conn, rep, chunk, ctx)
                     else:
                         self._entities(conn, rep, chunk, ctx)
+                    crash_point("ingest.chunk")
             if op.error is not None:
                 rep.records = rep.quarantined
             if rep.records != rep.accepted + rep.duplicates + rep.quarantined:

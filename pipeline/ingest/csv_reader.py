@@ -1,7 +1,8 @@
 """CSV reader: UTF-8 (BOM tolerated), comma/semicolon/tab delimited, streamed in chunks.
 
 Every physical record ends up either in a chunk's frame or in its ``failed`` list with a
-reason (wrong field count -> ``unparseable``, undecodable bytes -> ``bad_encoding``).
+reason (wrong field count -> ``unparseable``, undecodable bytes or a NUL character ->
+``bad_encoding``).
 """
 
 from __future__ import annotations
@@ -25,20 +26,30 @@ __all__ = ["CsvFile", "open_csv"]
 
 _DELIMITERS = (",", ";", "\t")
 _SURROGATE = re.compile("[\udc80-\udcff]")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 _BLOCK = 1 << 24
+#: Bytes read to sniff a file (binary or text) and find its header line.
+_HEAD = 65536
 
 
-def _has_bad_bytes(path: Path) -> bool:
-    """True when the file is not valid UTF-8 (checked incrementally, memory bounded)."""
+def _scan(path: Path) -> tuple[bool, bool]:
+    """(not valid UTF-8, holds a NUL byte), read in blocks so memory stays bounded."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    bad_bytes = has_nul = False
     with path.open("rb") as fh:
-        try:
-            while block := fh.read(_BLOCK):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return True
-    return False
+        while block := fh.read(_BLOCK):
+            has_nul = has_nul or b"\x00" in block
+            if not bad_bytes:
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError:
+                    bad_bytes = True
+        if not bad_bytes:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                bad_bytes = True
+    return bad_bytes, has_nul
 
 
 def _pick_delimiter(header_line: str) -> str:
@@ -51,13 +62,15 @@ class CsvFile:
     """An opened CSV input: its kind, header and a chunk iterator."""
 
     def __init__(self, path: Path, kind: Kind, header: list[str], delimiter: str,
-                 extra_columns: tuple[str, ...], bad_bytes: bool) -> None:
+                 extra_columns: tuple[str, ...], bad_bytes: bool,
+                 has_nul: bool = False) -> None:
         self.path = path
         self.kind = kind
         self.header = header
         self.delimiter = delimiter
         self.extra_columns = extra_columns
         self.bad_bytes = bad_bytes
+        self.has_nul = has_nul
 
     def chunks(self, chunk_rows: int, max_items: int) -> Iterator[RawChunk]:
         """Yield :class:`RawChunk` objects of at most ``chunk_rows`` records."""
@@ -105,6 +118,14 @@ class CsvFile:
                             "bytes that are not UTF-8; re-save the file as UTF-8",
                             _raw(row, True), f"line {line}"))
                         continue
+                    if self.has_nul and any("\x00" in v for v in row):
+                        # A NUL past the binary sniff (first 64 KiB): corrupt text, and no
+                        # PostgreSQL text column can hold it.
+                        failed.append(QuarantineRecord(
+                            line, Reason.BAD_ENCODING,
+                            "a NUL character (binary data) in a text file",
+                            _raw(row, self.bad_bytes), f"line {line}"))
+                        continue
                     rows.append(row)
                     lines.append(line)
                 if rows or failed:
@@ -139,16 +160,21 @@ def open_csv(path: Path, max_items: int) -> CsvFile:
         When the file is binary, has no header, or lacks a kind's required columns.
     """
     with path.open("rb") as fh:
-        head = fh.read(65536)
+        head = fh.read(_HEAD)
     if b"\x00" in head:
         raise UnreadableFileError(
             "file contains NUL bytes: it is binary, not a CSV text file",
             file=str(path), expected="UTF-8 CSV text")
-    bad_bytes = _has_bad_bytes(path)
+    bad_bytes, has_nul = _scan(path)
     text = head.decode("utf-8", "surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
-    first = text.splitlines()[0] if text.strip() else ""
+    # The csv module ends a line at \r or \n only; str.splitlines() would also cut the
+    # header at \x0c, \x1c, U+0085, U+2028 ..., and the header would lose columns.
+    if len(head) == _HEAD and not _LINE_END.search(text):
+        raise UnreadableFileError(f"header line is longer than {_HEAD} bytes", file=str(path),
+                                  expected="a header line naming the columns (SPEC §11)")
+    first = _LINE_END.split(text, maxsplit=1)[0] if text.strip() else ""
     if not first.strip():
         raise UnreadableFileError("file is empty or has no header line", file=str(path),
                                   expected="a header line naming the columns (SPEC §11)")
@@ -156,7 +182,12 @@ def open_csv(path: Path, max_items: int) -> CsvFile:
         raise UnreadableFileError("header line is not UTF-8", file=str(path),
                                   expected="a UTF-8 header line; re-save the file as UTF-8")
     delimiter = _pick_delimiter(first)
-    header = next(csv.reader(io.StringIO(first), delimiter=delimiter))
+    try:
+        header = next(csv.reader(io.StringIO(first), delimiter=delimiter))
+    except csv.Error as exc:
+        raise UnreadableFileError(f"header line is not valid CSV: {exc}", file=str(path),
+                                  expected="a header line naming the columns (SPEC §11)") \
+            from exc
     if len(set(header)) != len(header):
         dupes = sorted({c for c in header if header.count(c) > 1})
         raise UnreadableFileError(f"header repeats columns {dupes}", file=str(path))
@@ -173,4 +204,4 @@ def open_csv(path: Path, max_items: int) -> CsvFile:
             file=str(path), expected=f"columns {list(closest.required)}",
             found=header[:12])
     extras = tuple(c for c in header if not kind.known(c, max_items))
-    return CsvFile(path, kind, header, delimiter, extras, bad_bytes)
+    return CsvFile(path, kind, header, delimiter, extras, bad_bytes, has_nul)

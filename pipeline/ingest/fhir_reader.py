@@ -21,7 +21,13 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse
 
 from pipeline.errors import UnreadableFileError
-from pipeline.ingest.formats import KINDS, QuarantineRecord, RawChunk
+from pipeline.ingest.formats import (
+    KINDS,
+    LONE_SURROGATE,
+    QuarantineRecord,
+    RawChunk,
+    is_ascii_number,
+)
 from pipeline.reasons import Reason
 from pipeline.scales import Registry
 
@@ -81,7 +87,7 @@ def _answer_value(answer: Any) -> str:
             if url.endswith(("ordinalValue", "itemWeight")) and "valueDecimal" in ext:
                 return str(ext["valueDecimal"])
         code = coding.get("code")
-        if isinstance(code, str) and code.isdigit():
+        if isinstance(code, str) and is_ascii_number(code):
             return code
     if "valueQuantity" in answer and isinstance(answer["valueQuantity"], dict):
         return str(answer["valueQuantity"].get("value", ""))
@@ -106,9 +112,10 @@ def _item_number(link: str, measure: str, registry: Registry) -> tuple[str, int 
     if link in loinc:
         scale, item = loinc[link]
         return scale.code, item
-    if link.startswith("item_") and link[5:].isdigit():
+    # ASCII digits only: "²".isdigit() is true but int("²") raises.
+    if link.startswith("item_") and is_ascii_number(link[5:]):
         return measure, int(link[5:])
-    if link.isdigit():
+    if is_ascii_number(link):
         return measure, int(link)
     if link == "total":
         return measure, None
@@ -118,7 +125,8 @@ def _item_number(link: str, measure: str, registry: Registry) -> tuple[str, int 
 
 def _record(res: dict[str, Any], registry: Registry) -> dict[str, str]:
     rtype = res.get("resourceType")
-    if rtype not in _MODELS:
+    # isinstance first: a list or object resourceType is unhashable in the dict lookup.
+    if not isinstance(rtype, str) or rtype not in _MODELS:
         raise _Skip(Reason.UNSUPPORTED_RESOURCE,
                     f"resourceType {str(rtype)[:40]!r}: only QuestionnaireResponse and "
                     "Observation carry scores")
@@ -180,6 +188,16 @@ def _record(res: dict[str, Any], registry: Registry) -> dict[str, str]:
     return rec
 
 
+def _raw(res: Any) -> str:
+    """A resource as JSON for the quarantine table; past ``_RAW_LIMIT`` characters, its
+    first ``_RAW_LIMIT`` characters as a JSON string."""
+    raw = QuarantineRecord.raw_json(res)
+    if len(raw) > _RAW_LIMIT:
+        # Cutting the JSON text would leave invalid JSON: keep its head as a JSON string.
+        raw = json.dumps(raw[:_RAW_LIMIT] + " ...[truncated]", ensure_ascii=False)
+    return raw
+
+
 def _resources(path: Path, max_bytes: int) -> Iterator[tuple[int, str, Any]]:
     """Yield (position, location, resource-or-error) for each record of the file."""
     data = path.read_bytes()[:max_bytes + 1]
@@ -191,20 +209,25 @@ def _resources(path: Path, max_bytes: int) -> Iterator[tuple[int, str, Any]]:
     except UnicodeDecodeError as exc:
         raise UnreadableFileError(f"file is not UTF-8 ({exc.reason} at byte {exc.start})",
                                   file=str(path), expected="UTF-8 FHIR JSON") from exc
+    # ValueError, not only JSONDecodeError (its subclass): an integer literal longer than
+    # sys.get_int_max_str_digits() raises a plain ValueError. RecursionError: hostile nesting.
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError) as exc:
         doc = None
-        lines = text.splitlines()
+        # NDJSON separates records by "\n" only; str.splitlines() would also split inside
+        # a string holding a raw U+2028 or U+0085, which JSON allows unescaped.
+        lines = [ln.removesuffix("\r") for ln in text.split("\n")]
         if len([ln for ln in lines if ln.strip()]) < 2:
-            raise UnreadableFileError("file is not valid JSON", file=str(path),
+            raise UnreadableFileError(f"file is not valid JSON: {str(exc)[:120]}",
+                                      file=str(path),
                                       expected="a FHIR Bundle, a resource, or NDJSON") from None
         for i, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 yield i, f"line {i}", json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:
                 yield i, f"line {i}", _Skip(Reason.UNPARSEABLE, f"line is not JSON: {exc}"[:200])
         return
     if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
@@ -230,7 +253,7 @@ def read_fhir(path: Path, registry: Registry, max_bytes: int) -> Iterator[RawChu
     label = "line"
     for pos, location, res in _resources(path, max_bytes):
         label = location.split(" ")[0] if " " in location else location
-        raw = QuarantineRecord.raw_json(res if not isinstance(res, _Skip) else None)[:_RAW_LIMIT]
+        raw = _raw(res if not isinstance(res, _Skip) else None)
         if isinstance(res, _Skip):
             failed.append(QuarantineRecord(pos, res.reason, res.detail, raw, location))
             continue
@@ -242,6 +265,14 @@ def read_fhir(path: Path, registry: Registry, max_bytes: int) -> Iterator[RawChu
             rec = _record(res, registry)
         except _Skip as skip:
             failed.append(QuarantineRecord(pos, skip.reason, skip.detail, raw, location))
+            continue
+        bad = sorted(k for k, v in rec.items() if "\x00" in v or LONE_SURROGATE.search(v))
+        if bad:
+            # A "\u0000" or lone "\ud800" escape decodes to a character no text column of
+            # the store can hold (PostgreSQL rejects NUL; UTF-8 has no lone surrogates).
+            failed.append(QuarantineRecord(pos, Reason.BAD_ENCODING,
+                                           f"fields {bad} hold a NUL character or a lone "
+                                           "UTF-16 surrogate escape", raw, location))
             continue
         rec["_line"] = str(pos)
         rows.append(rec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +11,18 @@ import pandas as pd
 
 from pipeline.reasons import Reason
 
-__all__ = ["KINDS", "INGEST_ORDER", "Kind", "QuarantineRecord", "RawChunk", "detect_kind"]
+__all__ = ["KINDS", "INGEST_ORDER", "LONE_SURROGATE", "Kind", "QuarantineRecord", "RawChunk",
+           "detect_kind", "is_ascii_number"]
+
+
+#: Lone UTF-16 surrogates: a JSON ``\\ud800`` escape decodes to one, and no UTF-8 database
+#: driver can store it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def is_ascii_number(text: str) -> bool:
+    """True for a non-empty run of ASCII digits 0-9 (nothing int() could choke on)."""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)
@@ -28,7 +40,9 @@ class Kind:
             return True
         if self.item_columns and column.startswith("item_"):
             suffix = column[5:]
-            return suffix.isdigit() and 1 <= int(suffix) <= max_items and suffix[0] != "0"
+            # ASCII digits only: str.isdigit() is also true for "²", which int() rejects.
+            return is_ascii_number(suffix) and 1 <= int(suffix) <= max_items \
+                and suffix[0] != "0"
         return False
 
 
@@ -98,8 +112,20 @@ class QuarantineRecord:
 
     @staticmethod
     def raw_json(value: object) -> str:
-        """Serialise a raw record for the quarantine table (never raises)."""
-        return json.dumps(value, ensure_ascii=False, default=str)
+        """Serialise a raw record for the quarantine table (never raises).
+
+        The result is always storable: lone surrogates are written as ``\\udXXX``
+        escapes, and a value nested too deeply to serialise becomes a placeholder string.
+        """
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (RecursionError, ValueError, TypeError):
+            # Hostile nesting that json.loads still accepted can exceed the encoder's
+            # recursion budget here, a few stack frames deeper.
+            return json.dumps("<record too deeply nested to keep>")
+        if LONE_SURROGATE.search(text):
+            text = json.dumps(value, ensure_ascii=True, default=str)
+        return text
 
 
 @dataclass

@@ -290,9 +290,15 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from dashboard.app import create_app
 
+    # In production without a proper secret key this raises ConfigError (exit 2) before
+    # the store is opened or a port bound.
     app = create_app(settings)
-    print(f"OnTrack dashboard on http://{args.host}:{args.port}")
-    app.run(host=args.host, port=args.port, debug=False)
+    print(f"OnTrack dashboard on http://{args.host}:{args.port} ({settings.environment})")
+    # Never Dash's debug mode or dev tools (whatever DASH_* variables say): they send
+    # tracebacks to the browser.
+    app.run(host=args.host, port=args.port, debug=False, dev_tools_ui=False,
+            dev_tools_props_check=False, dev_tools_hot_reload=False,
+            dev_tools_serve_dev_bundles=False)
     return 0
 
 

@@ -11,7 +11,7 @@ from pipeline.errors import UsageError
 from pipeline.store import Store, audit_log, therapists, users, utcnow
 
 __all__ = ["ROLES", "User", "add_user", "audit", "authenticate", "get_user", "list_users",
-           "set_active"]
+           "set_active", "username_exists"]
 
 ROLES = ("therapist", "director", "researcher", "admin")
 MIN_PASSWORD = 10
@@ -74,6 +74,14 @@ def authenticate(store: Store, username: str, password: str) -> User | None:
     if not check_password_hash(row["password_hash"], password) or not row["active"]:
         return None
     return _user(row)
+
+
+def username_exists(store: Store, username: str) -> bool:
+    """Whether a user (active or not) has that name: the audit log records failed
+    sign-ins under real usernames only, never whatever was typed (it may be a password)."""
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(users.c.user_id).where(users.c.username == username)) \
+            .first() is not None
 
 
 def list_users(store: Store) -> list[User]:

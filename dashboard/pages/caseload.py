@@ -116,5 +116,7 @@ def filter_caseload(team: str | None, therapist: str | None) -> tuple[list[Any],
     viewer = current_viewer()
     if viewer is None or not may_see_clients(viewer):
         return [], "0 open episodes"
+    if not all(v is None or isinstance(v, str) for v in (team, therapist)):
+        return [], "0 open episodes"  # a crafted payload: the dropdowns send strings
     data = rows(viewer, team, therapist)
     return data, f"{len(data)} open episodes"

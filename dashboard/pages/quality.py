@@ -72,7 +72,7 @@ dash.register_page(__name__, path="/quality", title="OnTrack: data quality",
 @callback(Output(ids.QUALITY_RECORDS, "rowData"), Input(ids.QUALITY_REASON, "value"))
 def drill_down(reason: str | None) -> list[dict[str, Any]]:
     viewer = current_viewer()
-    if viewer is None:
+    if viewer is None or not (reason is None or isinstance(reason, str)):
         return []
     df = get_data().quarantined(viewer, reason)
     out = df.astype(object).where(df.notna(), None)

@@ -96,6 +96,6 @@ dash.register_page(__name__, path="/service", title="OnTrack: service outcomes",
 @callback(Output(ids.SERVICE_FUNNEL, "figure"), Input(ids.SERVICE_RATE, "value"),
           prevent_initial_call=True)
 def update_funnel(metric: str) -> Any:
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:  # crafted payloads too
         return {}
     return funnel(metric)

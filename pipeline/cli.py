@@ -119,6 +119,8 @@ def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.compute import compute
 
+    if args.engine == "dask" or args.parquet:
+        return _compute_parquet(args, settings)
     store = _store(settings)
     rep = compute(store, settings, load_registry(), full=args.full,
                   keep_reference=args.keep_reference)
@@ -136,6 +138,45 @@ def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
         print(f"flags: {fl.get('raised', 0)} raised, {fl.get('reopened', 0)} reopened, "
               f"{fl.get('updated', 0)} still firing, {fl.get('resolved', 0)} resolved "
               "(ontrack flags lists the open ones)")
+    return 0
+
+
+def _compute_parquet(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.distributed import compute_parquet
+    from pipeline.parquet import write_parquet_dataset
+
+    if args.engine == "dask":
+        try:
+            import distributed  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("the Dask engine needs dask and distributed",
+                             fix="pip install 'ontrack[dask]'") from exc
+    dataset = Path(args.parquet) if args.parquet else settings.data_dir / "parquet"
+    if not args.parquet:
+        meta = write_parquet_dataset(_store(settings), dataset, partitions=args.partitions)
+        print(f"wrote {meta['rows']} administrations of {meta['episodes']} episodes to "
+              f"{dataset} ({meta['partitions']} partitions)")
+    out = Path(args.out) if args.out else settings.data_dir / "results"
+    res = compute_parquet(dataset, out, settings, load_registry(), engine=args.engine,
+                          scheduler=args.scheduler, workers=args.workers)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        t = res["timings"]
+        print(f"{res['engine']} engine over {res['partitions']} partitions: "
+              f"{res['outcome_rows']} episode x measure outcomes, {res['sudden_rows']} "
+              f"sudden gains/losses in {out} (reference {t['reference']:.2f} s, outcomes "
+              f"{t['outcomes']:.2f} s)")
+    return 0
+
+
+def cmd_export_parquet(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.parquet import write_parquet_dataset
+
+    meta = write_parquet_dataset(_store(settings), Path(args.out),
+                                 partitions=args.partitions)
+    print(f"wrote {meta['rows']} administrations of {meta['episodes']} episodes to "
+          f"{args.out} ({meta['partitions']} partitions by episode)")
     return 0
 
 
@@ -475,8 +516,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "rebuild the reference (baseline SDs, expected recovery curves)")
     s.add_argument("--keep-reference", action="store_true",
                    help="with --full: keep the stored reference")
+    s.add_argument("--engine", choices=["pandas", "dask"], default="pandas",
+                   help="dask: the statistics over a Parquet dataset partitioned by "
+                   "episode, on a dask.distributed cluster (results to --out)")
+    s.add_argument("--parquet", help="dataset folder (ontrack export-parquet); default: "
+                   "written from the store into <data_dir>/parquet")
+    s.add_argument("--out", help="results folder for --engine dask or --parquet "
+                   "(default <data_dir>/results)")
+    s.add_argument("--scheduler", help="address of a Dask scheduler, e.g. "
+                   "tcp://10.0.0.5:8786 (default: a LocalCluster)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="LocalCluster worker processes (default 2)")
+    s.add_argument("--partitions", type=int, default=8,
+                   help="partitions when writing the dataset from the store")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_compute)
+
+    s = sub.add_parser("export-parquet", help="scored administrations as Parquet "
+                       "partitioned by episode (input of compute --engine dask)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--partitions", type=int, default=8)
+    s.set_defaults(func=cmd_export_parquet)
 
     s = sub.add_parser("report", help="service outcomes (SPEC §5) with Wilson intervals")
     s.add_argument("--json", action="store_true")

@@ -23,14 +23,8 @@ from pipeline.faults import crash_point
 from pipeline.goals import goal_status
 from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
-from pipeline.stats.curves import (
-    DEFAULT_PERCENTILE,
-    baseline_band,
-    build_curves,
-    default_curves,
-    with_defaults,
-)
 from pipeline.stats.outcomes import Reference, episode_outcomes
+from pipeline.stats.reference import partials, reference_from_partials
 from pipeline.store import (
     Store,
     administrations,
@@ -101,6 +95,9 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
                     ) -> tuple[Reference, pd.DataFrame]:
     """Baseline SDs (n-1, over every episode's first score) and expected recovery curves.
 
+    The whole store as one partition of :func:`pipeline.stats.reference.partials`; the
+    Dask engine sums the same aggregates over many partitions and gets the same result.
+
     Parameters
     ----------
     admins
@@ -112,37 +109,8 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
     -------
     (reference, norms table)
     """
-    a = admins.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
-    g = a.groupby(["episode_id", "measure"], sort=False)
-    firsts = g["score"].first().reset_index()
-    sd = firsts.groupby("measure")["score"].agg(["std", "size"])
-    sds: dict[str, float] = {}
-    sources: dict[str, str] = {}
-    rows = []
-    for code, row in sd.iterrows():
-        scale = registry.get(str(code))
-        if row["size"] >= 2 and row["std"] > 0:
-            sds[str(code)] = float(row["std"])
-            sources[str(code)] = f"service baseline SD (n-1) over {int(row['size'])} episodes"
-        elif scale is not None and scale.norms_clinical is not None:
-            sds[str(code)] = scale.norms_clinical.sd
-            sources[str(code)] = f"registry clinical norms: {scale.norms_clinical.source}"
-        else:
-            continue
-        rows.append({"measure": str(code), "sd": sds[str(code)], "n": int(row["size"]),
-                     "source": sources[str(code)]})
-    k = g.cumcount() + 1
-    first_score = g["score"].transform("first")
-    curve_in = pd.DataFrame({
-        "measure": a["measure"], "k": k, "score": a["score"],
-        "band": baseline_band(a["measure"], first_score, registry),
-    })[a["episode_id"].isin(set(ended)).to_numpy()]
-    curves = build_curves(curve_in, percentile=settings.curve_percentile,
-                          min_stratum=settings.curve_min_stratum)
-    if use_defaults and settings.curve_percentile == DEFAULT_PERCENTILE:
-        # A young service borrows the shipped curve where its own strata are too small.
-        curves = with_defaults(curves, default_curves())
-    return Reference(sd=sds, sd_source=sources, curves=curves), pd.DataFrame(rows)
+    return reference_from_partials(partials(admins, set(ended), registry), registry,
+                                   settings, use_defaults=use_defaults)
 
 
 def _stored_reference(conn: sa.Connection) -> Reference:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -187,6 +188,20 @@ def reconciles(report: IngestReport) -> bool:
     per_file = all(f["records"] == f["accepted"] + f["duplicates"] + f["quarantined"]
                    for f in d["files"])
     return per_file and d["records"] == d["accepted"] + d["duplicates"] + d["quarantined"]
+
+
+@pytest.fixture(scope="module")
+def base_db(registry: Registry) -> Iterator[Path]:
+    """A SQLite store file holding the test entities (therapists T1, T2, clients C1, C2,
+    episodes E1, E2), for tests that copy it per example instead of re-ingesting."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "in").mkdir()
+        store = Store(f"sqlite:///{root}/base.db")
+        store.init()
+        ingest(write_entities(root / "in"), store, Settings(), registry)
+        store.engine.dispose()  # checkpoints the WAL into the file
+        yield root / "base.db"
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from pipeline.reasons import Reason
 from pipeline.scales import Registry, load_registry
 from pipeline.store import Store
 from pipeline.validate import END_REASONS, GOAL_KINDS
-from tests.conftest import ingest, write_entities
+from tests.conftest import ingest
 
 REASONS = {r.value for r in Reason}
 PHQ9 = load_registry()["PHQ-9"]
@@ -56,20 +56,6 @@ def fuzz(n: int) -> Any:
 
 
 # ------------------------------------------------------------------ stores and checks
-
-
-@pytest.fixture(scope="module")
-def base_db(registry: Registry) -> Iterator[Path]:
-    """A store holding therapists T1, T2, clients C1, C2 and episodes E1, E2 (copied per
-    example: a fresh store per Hypothesis example, without re-ingesting the entities)."""
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        (root / "in").mkdir()
-        store = Store(f"sqlite:///{root}/base.db")
-        store.init()
-        ingest(write_entities(root / "in"), store, Settings(), registry)
-        store.engine.dispose()  # checkpoints the WAL into the file
-        yield root / "base.db"
 
 
 @contextmanager

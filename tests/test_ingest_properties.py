@@ -7,18 +7,16 @@ from __future__ import annotations
 import csv
 import shutil
 import tempfile
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import Store
-from tests.conftest import NOW, ingest, write_entities
+from tests.conftest import NOW, ingest
 
 HEADER = ["episode_id", "measure", "administered_at", "session_number", "total",
           *[f"item_{i}" for i in range(1, 11)]]
@@ -59,19 +57,6 @@ def files_strategy(draw: st.DrawFn) -> list[list[list[str]]]:
             rows = draw(st.permutations(rows))
         out.append(rows)
     return out
-
-
-@pytest.fixture(scope="module")
-def base_db(registry: Registry) -> Iterator[Path]:
-    """A store holding the test entities, copied for every example."""
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        (root / "in").mkdir()
-        store = Store(f"sqlite:///{root}/base.db")
-        store.init()
-        ingest(write_entities(root / "in"), store, Settings(), registry)
-        store.engine.dispose()  # checkpoints the WAL into the file
-        yield root / "base.db"
 
 
 @settings(max_examples=50, deadline=None,

@@ -14,6 +14,9 @@ References
 .. [2] Delgadillo J, de Jong K, Lucock M, et al. Feedback-informed treatment versus
        usual psychological treatment for depression and anxiety: a multisite, open-label,
        cluster randomised controlled trial. Lancet Psychiatry. 2018;5(7):564-572.
+.. [3] Hyndman RJ, Fan Y. Sample quantiles in statistical packages. Am Stat.
+       1996;50(4):361-365. (Definition 7, the linear interpolation of numpy and pandas,
+       used for the median and the tolerance bands.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import pandas as pd
 from pipeline.scales import Registry
 
 __all__ = ["ALL_BANDS", "DEFAULT_CURVES", "DEFAULT_PERCENTILE", "baseline_band",
-           "build_curves", "default_curves", "lookup_curve", "with_defaults"]
+           "build_curves", "curves_from_histogram", "default_curves", "lookup_curve",
+           "with_defaults"]
 
 #: The shipped curve set: built from a 5,000-episode synthetic cohort (seed 2026) by
 #: ``ontrack default-curves``; it serves a new service until its own history is large
@@ -72,26 +76,67 @@ def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,
     Returns
     -------
     DataFrame
-        ``measure, band, k, n, median, upper, lower, source`` with ``source``
-        ``"service"`` (own stratum) or ``"service_all_bands"`` (fallback). Strata too
-        small even after the fallback are left out.
+        See :func:`curves_from_histogram` (this is it, on the scores' histogram).
     """
     if scores.empty:
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    q = np.array([0.5, percentile, 1 - percentile])
+    hist = scores.groupby(["measure", "band", "k", "score"], observed=True).size() \
+        .rename("count").reset_index()
+    return curves_from_histogram(hist, percentile=percentile, min_stratum=min_stratum)
+
+
+def _quantiles(hist: pd.DataFrame, keys: list[str], qs: list[float]) -> pd.DataFrame:
+    """Type-7 quantiles of each stratum of ``keys`` from its score histogram."""
+    h = hist.groupby([*keys, "score"], observed=True)["count"].sum().reset_index() \
+        .sort_values([*keys, "score"], kind="stable").reset_index(drop=True)
+    stratum = h.groupby(keys, sort=False, observed=True).ngroup().to_numpy()
+    counts = h["count"].to_numpy(dtype=np.int64)
+    scores = h["score"].to_numpy(dtype=np.float64)
+    cum = np.cumsum(counts)  # global cumulative count over the sorted strata
+    first_row = np.flatnonzero(np.r_[True, stratum[1:] != stratum[:-1]])
+    n = np.add.reduceat(counts, first_row)
+    offset = cum[first_row] - counts[first_row]  # rows of earlier strata
+    out = h.iloc[first_row][keys].reset_index(drop=True)
+    out["n"] = n
+    for q in qs:
+        pos = q * (n - 1).astype(np.float64)
+        lo = np.floor(pos).astype(np.int64)
+        frac = pos - lo
+        hi = np.minimum(lo + 1, n - 1)
+        # The value of 0-based rank r in a stratum: the first row whose cumulative count
+        # exceeds offset + r.
+        x_lo = scores[np.searchsorted(cum, offset + lo, side="right")]
+        x_hi = scores[np.searchsorted(cum, offset + hi, side="right")]
+        out[q] = x_lo + frac * (x_hi - x_lo)
+    return out
+
+
+def curves_from_histogram(hist: pd.DataFrame, *, percentile: float = 0.75,
+                          min_stratum: int = 30) -> pd.DataFrame:
+    """Median and tolerance bands of score by (measure, band, k) from histograms.
+
+    Strata with fewer than ``min_stratum`` administrations fall back to the curve of all
+    bands of the measure at that k (``source`` ``"service_all_bands"``); strata too small
+    even then are left out.
+
+    Returns
+    -------
+    DataFrame
+        ``measure, band, k, n, median, upper, lower, source``.
+    """
+    if hist.empty:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    qs = [0.5, percentile, 1 - percentile]
 
     def summarise(keys: list[str]) -> pd.DataFrame:
-        g = scores.groupby(keys, observed=True)["score"]
-        out = g.quantile(q).unstack()
-        out.columns = ["median", "upper", "lower"]
-        out["n"] = g.size()
-        return out.reset_index()
+        out = _quantiles(hist, keys, qs)
+        return out.rename(columns={0.5: "median", percentile: "upper",
+                                   1 - percentile: "lower"})
 
     fine = summarise(["measure", "band", "k"])
     coarse = summarise(["measure", "k"]).assign(band=ALL_BANDS)
     fine_ok = fine[fine["n"] >= min_stratum].assign(source="service")
-    # Every band seen in the data gets the coarse curve where its own stratum is small.
-    bands = scores[["measure", "band"]].drop_duplicates()
+    bands = hist[["measure", "band"]].drop_duplicates()
     fallback = bands.merge(coarse.drop(columns="band"), on="measure")
     fallback = fallback[fallback["n"] >= min_stratum]
     fallback = fallback.merge(fine_ok[["measure", "band", "k"]], how="left", indicator=True,
@@ -99,7 +144,9 @@ def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,
     fallback = fallback[fallback["_merge"] == "left_only"].drop(columns="_merge")
     fallback = fallback.assign(source="service_all_bands")
     curves = pd.concat([fine_ok, fallback], ignore_index=True)[CURVE_COLUMNS]
+    curves = curves.astype({"k": "int64", "n": "int64"})
     return curves.sort_values(["measure", "band", "k"]).reset_index(drop=True)
+
 
 
 def lookup_curve(keys: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from pipeline.store import (
     Store,
     administrations,
     batches,
+    bulk_insert,
     compute_runs,
     episodes,
     expected_curves,
@@ -38,7 +39,6 @@ from pipeline.store import (
     reference_norms,
     reviews,
     sudden_changes,
-    to_records,
     utcnow,
 )
 from pipeline.store import caseload as caseload_table
@@ -123,10 +123,11 @@ def _stored_reference(conn: sa.Connection) -> Reference:
                      curves=curves.drop(columns="run_id"))
 
 
-def _to_rows(frame: pd.DataFrame, table: sa.Table, run_id: int) -> list[dict[str, Any]]:
+def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: int) -> None:
+    """Insert a result frame (stamped with the run) by the store's bulk path."""
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
-    return to_records(f[[c for c in cols if c in f.columns]])
+    bulk_insert(conn, table, f[[c for c in cols if c in f.columns]])
 
 
 def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None
@@ -202,7 +203,7 @@ def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
         for i in range(0, len(scope), 900):
             conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900])))
     if not frame.empty:
-        conn.execute(table.insert(), _to_rows(frame, table, run_id))
+        _insert(conn, table, frame, run_id)
 
 
 def compute(store: Store, settings: Settings, registry: Registry, *, full: bool = False,
@@ -265,17 +266,16 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
                 conn.execute(sudden_changes.delete().where(
                     sudden_changes.c.episode_id.in_(part)))
         if not out.empty:
-            conn.execute(outcomes.insert(), _to_rows(out, outcomes, run_id))
+            _insert(conn, outcomes, out, run_id)
         if not sudden.empty:
-            conn.execute(sudden_changes.insert(), _to_rows(sudden, sudden_changes, run_id))
+            _insert(conn, sudden_changes, sudden, run_id)
         if rebuild:
             conn.execute(reference_norms.delete())
             conn.execute(expected_curves.delete())
             if not norms.empty:
-                conn.execute(reference_norms.insert(), _to_rows(norms, reference_norms, run_id))
+                _insert(conn, reference_norms, norms, run_id)
             if not reference.curves.empty:
-                conn.execute(expected_curves.insert(),
-                             _to_rows(reference.curves, expected_curves, run_id))
+                _insert(conn, expected_curves, reference.curves, run_id)
         timings["write"] = time.perf_counter() - t3
         crash_point("compute.written")
 
@@ -298,7 +298,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
         conn.execute(caseload_table.delete())  # only open episodes: always all of them
         if not summary.empty:
-            conn.execute(caseload_table.insert(), _to_rows(summary, caseload_table, run_id))
+            _insert(conn, caseload_table, summary, run_id)
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
         _replace(conn, episode_service_table,

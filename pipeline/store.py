@@ -644,7 +644,12 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
         b = col.fillna(False).astype(bool)
         values = (b.astype(int) if dialect == "sqlite" else b).tolist()
     elif isinstance(kind, sa.Integer):
-        values = pd.to_numeric(col).fillna(0).astype("int64").tolist()
+        num = pd.to_numeric(col)
+        whole = num.dropna()
+        if pd.api.types.is_float_dtype(num) and not (whole == whole.round()).all():
+            values = num.astype(float).tolist()  # never truncate: stored as given
+        else:
+            values = num.fillna(0).astype("int64").tolist()
     elif isinstance(kind, sa.Float):
         values = pd.to_numeric(col).astype(float).tolist()
     else:

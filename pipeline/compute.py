@@ -49,7 +49,8 @@ __all__ = ["ComputeReport", "build_reference", "compute"]
 
 _SERVICE_FLAGS = ["finished", "at_caseness", "recovered", "reliably_improved",
                   "reliably_deteriorated", "reliably_recovered"]
-_ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score"]
+_ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score",
+               "risk", "risk_value"]
 
 
 @dataclass
@@ -163,16 +164,18 @@ def _bools(frame: pd.DataFrame, table: sa.Table) -> pd.DataFrame:
 
 
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
-               today: datetime, episode_ids: list[str] | None = None
-               ) -> flag_rules.RuleInput:
+               today: datetime, episode_ids: list[str] | None = None,
+               admins: pd.DataFrame | None = None) -> flag_rules.RuleInput:
     """Read what the flag rules need from the store (outcomes must be current), for
-    every episode or only ``episode_ids``."""
+    every episode or only ``episode_ids``; ``admins``, when the caller already holds
+    exactly those episodes' administrations, saves reading them again."""
     out = _bools(_scoped(conn, outcomes, None, episode_ids), outcomes)
     for c in ("first_at", "last_at"):
         out[c] = pd.to_datetime(out[c])
-    adm = _scoped(conn, administrations, ["episode_id", "measure", "administered_at",
-                                          "session_number", "score", "risk", "risk_value"],
-                  episode_ids)
+    cols = ["episode_id", "measure", "administered_at", "session_number", "score", "risk",
+            "risk_value"]
+    adm = admins[cols].copy() if admins is not None else \
+        _scoped(conn, administrations, cols, episode_ids)
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
@@ -290,7 +293,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             open_ids = [r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
                 episodes.c.end_date.is_(None)))]
             scope = sorted(set(ids) | set(open_ids))
-        inp = rule_input(conn, registry, settings, now, scope)
+        # A full run already holds every administration; an incremental one read only the
+        # touched episodes, while its scope also covers every open one.
+        inp = rule_input(conn, registry, settings, now, scope,
+                         admins=admins if scope is None else None)
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
         _replace(conn, goal_status_table, inp.goals, scope, run_id)

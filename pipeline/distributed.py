@@ -73,6 +73,10 @@ def compute_parquet(dataset: Path, out_dir: Path, settings: Settings, registry: 
         raise UsageError("no part-*.parquet files in the dataset folder", path=str(dataset),
                          fix="write one with `ontrack export-parquet --out DIR`")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A previous run's partitions would otherwise be read back with this run's.
+    for sub in ("outcomes", "sudden_changes"):
+        for old in (out_dir / sub).glob("part-*.parquet"):
+            old.unlink()
     t0 = time.perf_counter()
     if engine == "pandas":
         merged = merge_partials([_partials_of(f, registry) for f in files])

@@ -146,3 +146,14 @@ def test_cli_export_parquet_and_compute_with_the_dask_engine(dataset: Any) -> No
     res = json.loads(r.stdout[r.stdout.index("{"):])
     assert res["engine"] == "dask" and res["partitions"] == 3
     assert res["outcome_rows"] == len(dataset["outcomes"])
+
+
+def test_a_rerun_with_fewer_partitions_leaves_no_stale_results(dataset: Any) -> None:
+    d = dataset["dir"]
+    out = d / "rerun-out"
+    compute_parquet(d / "parquet", out, dataset["settings"], dataset["registry"])
+    few = d / "parquet-2"
+    write_parquet_dataset(dataset["store"], few, partitions=2)
+    compute_parquet(few, out, dataset["settings"], dataset["registry"])
+    assert len(list((out / "outcomes").glob("part-*.parquet"))) == 2
+    assert len(read_results(out, "outcomes")) == len(dataset["outcomes"])

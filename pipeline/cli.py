@@ -143,7 +143,6 @@ def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
 
 def _compute_parquet(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.distributed import compute_parquet
-    from pipeline.parquet import write_parquet_dataset
 
     if args.engine == "dask":
         try:
@@ -153,9 +152,7 @@ def _compute_parquet(args: argparse.Namespace, settings: Settings) -> int:
                              fix="pip install 'ontrack[dask]'") from exc
     dataset = Path(args.parquet) if args.parquet else settings.data_dir / "parquet"
     if not args.parquet:
-        meta = write_parquet_dataset(_store(settings), dataset, partitions=args.partitions)
-        print(f"wrote {meta['rows']} administrations of {meta['episodes']} episodes to "
-              f"{dataset} ({meta['partitions']} partitions)")
+        _write_dataset(settings, dataset, args.partitions)
     out = Path(args.out) if args.out else settings.data_dir / "results"
     res = compute_parquet(dataset, out, settings, load_registry(), engine=args.engine,
                           scheduler=args.scheduler, workers=args.workers)
@@ -170,13 +167,16 @@ def _compute_parquet(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_export_parquet(args: argparse.Namespace, settings: Settings) -> int:
+def _write_dataset(settings: Settings, out: Path, partitions: int) -> None:
     from pipeline.parquet import write_parquet_dataset
 
-    meta = write_parquet_dataset(_store(settings), Path(args.out),
-                                 partitions=args.partitions)
+    meta = write_parquet_dataset(_store(settings), out, partitions=partitions)
     print(f"wrote {meta['rows']} administrations of {meta['episodes']} episodes to "
-          f"{args.out} ({meta['partitions']} partitions by episode)")
+          f"{out} ({meta['partitions']} partitions by episode)")
+
+
+def cmd_export_parquet(args: argparse.Namespace, settings: Settings) -> int:
+    _write_dataset(settings, Path(args.out), args.partitions)
     return 0
 
 

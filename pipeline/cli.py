@@ -131,7 +131,8 @@ def cmd_compute(args: argparse.Namespace, settings: Settings) -> int:
         print(f"compute run {rep.run_id} ({rep.mode}): {rep.episodes} episodes, "
               f"{rep.outcome_rows} episode x measure outcomes, {rep.sudden_rows} sudden "
               f"gains/losses; reference {'rebuilt' if rep.reference_rebuilt else 'kept'}; "
-              f"{t['total']:.2f} s (read {t['read']:.2f}, reference {t['reference']:.2f}, "
+              f"{t['total']:.2f} s (read {t['read']:.2f}, group {t['group']:.2f}, "
+              f"reference {t['reference']:.2f}, "
               f"statistics {t['statistics']:.2f}, write {t['write']:.2f}, "
               f"flags {t['flags']:.2f})")
         fl = rep.flags

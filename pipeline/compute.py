@@ -23,6 +23,7 @@ from pipeline.faults import crash_point
 from pipeline.goals import goal_status
 from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
+from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.outcomes import Reference, episode_outcomes
 from pipeline.stats.reference import partials, reference_from_partials
 from pipeline.store import (
@@ -38,6 +39,7 @@ from pipeline.store import (
     read_frame,
     reference_norms,
     reviews,
+    stored_frame,
     sudden_changes,
     utcnow,
 )
@@ -92,8 +94,8 @@ def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataF
 
 
 def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
-                    settings: Settings, use_defaults: bool = True
-                    ) -> tuple[Reference, pd.DataFrame]:
+                    settings: Settings, use_defaults: bool = True,
+                    grouped: Grouped | None = None) -> tuple[Reference, pd.DataFrame]:
     """Baseline SDs (n-1, over every episode's first score) and expected recovery curves.
 
     The whole store as one partition of :func:`pipeline.stats.reference.partials`; the
@@ -105,12 +107,14 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
         Every scored administration in the store.
     ended
         Episode ids with an end date (curves come from finished episodes only).
+    grouped
+        ``admins`` already ordered by :func:`group_administrations`, if at hand.
 
     Returns
     -------
     (reference, norms table)
     """
-    return reference_from_partials(partials(admins, set(ended), registry), registry,
+    return reference_from_partials(partials(admins, set(ended), registry, grouped), registry,
                                    settings, use_defaults=use_defaults)
 
 
@@ -165,11 +169,16 @@ def _bools(frame: pd.DataFrame, table: sa.Table) -> pd.DataFrame:
 
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                today: datetime, episode_ids: list[str] | None = None,
-               admins: pd.DataFrame | None = None) -> flag_rules.RuleInput:
+               admins: pd.DataFrame | None = None,
+               written: tuple[pd.DataFrame, pd.DataFrame] | None = None
+               ) -> flag_rules.RuleInput:
     """Read what the flag rules need from the store (outcomes must be current), for
-    every episode or only ``episode_ids``; ``admins``, when the caller already holds
-    exactly those episodes' administrations, saves reading them again."""
-    out = _bools(_scoped(conn, outcomes, None, episode_ids), outcomes)
+    every episode or only ``episode_ids``. ``admins``, when the caller already holds
+    exactly those episodes' administrations, and ``written``, the (outcomes, sudden
+    changes) rows it has just stored for them (in their :func:`stored_frame` form),
+    save reading them again."""
+    out = _bools(written[0] if written is not None else
+                 _scoped(conn, outcomes, None, episode_ids), outcomes)
     for c in ("first_at", "last_at"):
         out[c] = pd.to_datetime(out[c])
     cols = ["episode_id", "measure", "administered_at", "session_number", "score", "risk",
@@ -179,7 +188,8 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
-    sud = _bools(_scoped(conn, sudden_changes, None, episode_ids), sudden_changes)
+    sud = _bools(written[1] if written is not None else
+                 _scoped(conn, sudden_changes, None, episode_ids), sudden_changes)
     gl = _scoped(conn, goals, None, episode_ids)
     if not gl.empty:
         latest = gl.groupby("episode_id")["plan_version"].transform("max")
@@ -246,16 +256,21 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
 
         rebuild = mode == "full" and (not keep_reference or not has_reference)
         t1 = time.perf_counter()
+        # One sort into episode x measure groups serves the reference and the statistics.
+        grouped = group_administrations(admins)
+        timings["group"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if rebuild:
             ended = pd.Series([r[0] for r in conn.execute(
                 sa.select(episodes.c.episode_id).where(episodes.c.end_date.is_not(None)))])
-            reference, norms = build_reference(admins, ended, registry, settings)
+            reference, norms = build_reference(admins, ended, registry, settings,
+                                               grouped=grouped)
         else:
             reference = _stored_reference(conn)
         timings["reference"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        out, sudden = episode_outcomes(admins, registry, settings, reference)
+        out, sudden = episode_outcomes(admins, registry, settings, reference, grouped)
         timings["statistics"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -296,7 +311,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # A full run already holds every administration; an incremental one read only the
         # touched episodes, while its scope also covers every open one.
         inp = rule_input(conn, registry, settings, now, scope,
-                         admins=admins if scope is None else None)
+                         admins=admins if scope is None else None,
+                         written=None if scope is not None else (
+                             stored_frame(outcomes, out.assign(run_id=run_id)),
+                             stored_frame(sudden_changes, sudden.assign(run_id=run_id))))
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
         _replace(conn, goal_status_table, inp.goals, scope, run_id)

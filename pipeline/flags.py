@@ -86,6 +86,40 @@ def _dt(values: pd.Series) -> pd.Series:
     return pd.to_datetime(values.astype("object")).astype("datetime64[us]")
 
 
+class _Row:
+    """One row of :func:`_records`: ``r[column]`` and ``r.get(column)``."""
+
+    __slots__ = ("_columns", "_i")
+
+    def __init__(self, columns: _Columns, i: int) -> None:
+        self._columns, self._i = columns, i
+
+    def __getitem__(self, name: str) -> Any:
+        return self._columns.values(name)[self._i]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self._columns.frame.columns else default
+
+
+class _Columns:
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self._cache: dict[str, list[Any]] = {}
+
+    def values(self, name: str) -> list[Any]:
+        if name not in self._cache:
+            # The values to_dict(orient="records") gives, for this column only.
+            self._cache[name] = self.frame[[name]].to_dict(orient="list")[name]
+        return self._cache[name]
+
+
+def _records(frame: pd.DataFrame) -> list[_Row]:
+    """Rows of ``frame`` like ``to_dict(orient="records")``, converting only the columns
+    a rule reads (a rule reads a handful of the outcome table's ~60 columns)."""
+    columns = _Columns(frame)
+    return [_Row(columns, i) for i in range(len(frame))]
+
+
 def _frame(rows: list[dict[str, Any]], kind: str) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=FLAG_COLUMNS)
@@ -107,7 +141,7 @@ def rule_risk_item(inp: RuleInput) -> pd.DataFrame:
     a = inp.administrations
     hit = a[a["risk"] == "yes"]
     rows = []
-    for r in hit.to_dict(orient="records"):  # one row per flag raised, not per episode
+    for r in _records(hit):  # one row per flag raised, not per episode
         scale = inp.registry[r["measure"]]
         items = ", ".join(f"item {i}" for i in scale.risk_items)
         rows.append({
@@ -135,7 +169,7 @@ def rule_reliable_deterioration(inp: RuleInput) -> pd.DataFrame:
     hit = o[o[col] == "deteriorated"]
     z = float(stats.norm.ppf(1 - inp.settings.rci_alpha / 2))
     rows = []
-    for r in hit.to_dict(orient="records"):
+    for r in _records(hit):
         rule = (f"change >= +{_fmt(r['rc_points'], 0)} points (fixed reliable-change rule)"
                 if method == "fixed" else
                 f"RCI > {z:.3f} (Jacobson-Truax, SD {_fmt(r['sd_used'], 2)}, "
@@ -168,7 +202,7 @@ def rule_sudden_loss(inp: RuleInput) -> pd.DataFrame:
         "evidence": {k: r[k] for k in ("pregain_session", "score_before", "score_after",
                                         "size", "n_pre", "n_post", "crit3_adjusted")},
         "evidence_at": r["last_at"],
-    } for r in hit.to_dict(orient="records")]
+    } for r in _records(hit)]
     return _frame(rows, "sudden_loss")
 
 
@@ -178,7 +212,7 @@ def rule_not_on_track(inp: RuleInput) -> pd.DataFrame:
     hit = o[o["not_on_track"].astype("boolean").fillna(False).astype(bool)]
     pct = int(round(100 * inp.settings.curve_percentile))
     rows = []
-    for r in hit.to_dict(orient="records"):
+    for r in _records(hit):
         twice = bool(r["not_on_track_consecutive"])
         rows.append({
             "episode_id": r["episode_id"], "measure": r["measure"], "key": "",
@@ -215,7 +249,7 @@ def rule_stalled(inp: RuleInput) -> pd.DataFrame:
                                         "slope_week", "slope_ci_low", "slope_ci_high",
                                         "stalled_slow_slope", "stalled_ci_includes_zero")},
         "evidence_at": r["last_at"],
-    } for r in hit.to_dict(orient="records")]
+    } for r in _records(hit)]
     return _frame(rows, "stalled")
 
 
@@ -239,7 +273,7 @@ def _goal_rule(inp: RuleInput, status: str, kind: str) -> pd.DataFrame:
                                             "projected_earliest", "projected_latest",
                                             "status_reason")},
         "evidence_at": r["last_at"],
-    } for r in hit.to_dict(orient="records")]
+    } for r in _records(hit)]
     return _frame(rows, kind)
 
 
@@ -273,7 +307,7 @@ def rule_review_overdue(inp: RuleInput) -> pd.DataFrame:
         "evidence": {"last_review": r["last_review"], "start_date": r["start_date"],
                      "review_due": d, "weeks": weeks},
         "evidence_at": d,
-    } for r, d in zip(hit.to_dict(orient="records"), due_hit, strict=True)]
+    } for r, d in zip(_records(hit), due_hit, strict=True)]
     return _frame(rows, "review_overdue")
 
 
@@ -293,7 +327,7 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
         "message": f"No outcome measure since {_date(s)}",
         "evidence": {"last_administration": s, "weeks": weeks},
         "evidence_at": t,
-    } for r, s, t in zip(e[hit_mask].to_dict(orient="records"), since[hit_mask],
+    } for r, s, t in zip(_records(e[hit_mask]), since[hit_mask],
                          threshold[hit_mask], strict=True)]
     return _frame(rows, "missing_measures")
 

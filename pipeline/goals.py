@@ -45,9 +45,13 @@ MAX_PROJECTION_WEEKS = 104
 
 def _scale_values(measure: pd.Series, registry: Registry, settings: Settings
                   ) -> dict[str, np.ndarray]:
+    # One value per distinct measure, then per row by code (code -1, NA, -> the last, NaN).
+    codes, names = pd.factorize(measure)
+
     def get(fn: object) -> np.ndarray:
         vals = {c: fn(s) for c, s in registry.items()}  # type: ignore[operator]
-        return measure.map(vals).to_numpy(dtype=float)
+        table = np.array([vals.get(m, np.nan) for m in names] + [np.nan], dtype=float)
+        return table[codes]
 
     return {
         "sign": get(lambda s: -1.0 if s.higher_is_better else 1.0),

@@ -660,6 +660,23 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
     return values
 
 
+def stored_frame(table: sa.Table, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as reading it back from ``table`` would give it: the table's columns
+    (absent ones None), values converted as :func:`bulk_insert` stores them, booleans as
+    Python ``bool`` and datetimes as the stored text, built by the same
+    ``DataFrame.from_records`` as :func:`read_frame`. A caller that has just written a
+    frame uses this instead of reading the table again; the consumers convert datetime
+    columns with pandas, as they do after a read.
+    """
+    names = [c.name for c in table.c]
+    n = len(frame)
+    columns = [_column_values(frame[c.name], c.type, "postgresql") if c.name in frame.columns
+               else [None] * n for c in table.c]
+    rows = list(zip(*columns, strict=True))
+    return pd.DataFrame.from_records(rows, columns=names, coerce_float=False) if rows \
+        else pd.DataFrame(columns=names)
+
+
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.

@@ -19,6 +19,7 @@ from pipeline.scales import Registry
 from pipeline.stats.change import clinical_cutoff, clinical_significance, fixed_point_change
 from pipeline.stats.curves import baseline_band, lookup_curve
 from pipeline.stats.gains import sudden_gains
+from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.trend import trend_arrays
 
 __all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "max_gain_columns"]
@@ -45,7 +46,8 @@ def _per_measure(measure: pd.Series, values: dict[str, object]) -> np.ndarray:
 
 
 def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Settings,
-                     reference: Reference) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     reference: Reference, grouped: Grouped | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Outcomes of every episode x measure in ``admins``, and their sudden gains/losses.
 
     Parameters
@@ -57,6 +59,9 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
         Scale definitions and thresholds.
     reference
         Baseline SDs and expected recovery curves.
+    grouped
+        ``admins`` already ordered by :func:`group_administrations` (a caller that also
+        builds the reference partials from the same rows sorts them once).
 
     Returns
     -------
@@ -67,19 +72,14 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     if admins.empty:
         return pd.DataFrame(columns=["episode_id", "measure"]), \
             pd.DataFrame(columns=SUDDEN_COLUMNS)
-    a = admins.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
-    a = a.reset_index(drop=True)
-    gid = a.groupby(["episode_id", "measure"], sort=False, observed=True).ngroup()
-    gid_np = gid.to_numpy(dtype=np.int64)
-    n_groups = int(gid_np.max()) + 1 if gid_np.size else 0
+    g = grouped if grouped is not None else group_administrations(admins)
+    a = g.frame
+    gid_np, starts, ends, k = g.gid, g.starts, g.ends, g.k
+    n_groups = g.n_groups
     score = a["score"].to_numpy(dtype=np.int64)
-    k = a.groupby(gid_np).cumcount().to_numpy() + 1
     date = a["administered_at"].to_numpy().astype("datetime64[D]")
-    starts = np.flatnonzero(np.r_[True, gid_np[1:] != gid_np[:-1]]) if gid_np.size else \
-        np.array([], dtype=np.int64)
-    ends = np.r_[starts[1:], gid_np.size] - 1
-    first_day = date[starts]
-    day = (date - np.repeat(first_day, np.diff(np.r_[starts, gid_np.size]))).astype(np.int64)
+    day = (date - date[starts][gid_np]).astype(np.int64)
+    a = a.copy(deep=False)
     a["day"] = day
     a["k"] = k
 
@@ -235,9 +235,10 @@ def _sudden(a: pd.DataFrame, gid: np.ndarray, n_groups: int, out: pd.DataFrame,
     col = a["k"].to_numpy() - 1
     if "session_number" in a.columns:
         sn = a["session_number"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-        has_all = pd.Series(~np.isnan(sn)).groupby(gid).transform("all").to_numpy()
+        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])  # rows are grouped
+        has_all = np.logical_and.reduceat(~np.isnan(sn), starts)[gid]
         dup = pd.DataFrame({"gid": gid, "sn": sn}).duplicated(["gid", "sn"]).to_numpy()
-        any_dup = pd.Series(dup).groupby(gid).transform("any").to_numpy()
+        any_dup = np.logical_or.reduceat(dup, starts)[gid]
         usable = has_all & ~any_dup
         col = np.where(usable, np.nan_to_num(sn, nan=1).astype(np.int64) - 1, col)
     keep = (col >= 0) & (col < max_gain_columns)
@@ -245,6 +246,9 @@ def _sudden(a: pd.DataFrame, gid: np.ndarray, n_groups: int, out: pd.DataFrame,
     matrix = np.full((n_groups, width), np.nan)
     matrix[gid[keep], col[keep]] = a["score"].to_numpy(dtype=float)[keep]
     measures = out["measure"].to_numpy()
+    # Change from each session to the next (positive = the score fell); a pair with a
+    # missing session is NaN and never a candidate.
+    fall = matrix[:, :-1] - matrix[:, 1:]
     frames = []
     for code, scale in registry.items():
         if scale.reliable_change_points is None:
@@ -252,14 +256,23 @@ def _sudden(a: pd.DataFrame, gid: np.ndarray, n_groups: int, out: pd.DataFrame,
         rows = np.flatnonzero(measures == code)
         if rows.size == 0:
             continue
-        sub = matrix[rows]
+        better = -1.0 if scale.higher_is_better else 1.0
         for kind, losses in (("gain", False), ("loss", True)):
+            # Criterion 1 is necessary, so only episodes with a change of at least the
+            # cut-off in this direction are evaluated: the same hits, far less work.
+            sign = -better if losses else better
+            with np.errstate(invalid="ignore"):
+                cand = (sign * fall[rows] >= scale.reliable_change_points).any(axis=1)
+            if not cand.any():
+                continue
+            rows_k = rows[cand]
+            sub = matrix[rows_k]
             res = sudden_gains(sub, cutoff=scale.reliable_change_points,
                                higher_is_better=scale.higher_is_better, losses=losses)
             hit = res[res["gain"].fillna(False).astype(bool)]
             if hit.empty:
                 continue
-            r = rows[hit["row"].to_numpy()]
+            r = rows_k[hit["row"].to_numpy()]
             j = hit["pregain_session"].to_numpy()
             frames.append(pd.DataFrame({
                 "episode_id": out["episode_id"].to_numpy()[r], "measure": code, "kind": kind,

@@ -39,6 +39,7 @@ from pipeline.stats.curves import (
     default_curves,
     with_defaults,
 )
+from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.outcomes import Reference
 
 __all__ = ["FIRSTS_COLUMNS", "HIST_COLUMNS", "Partials", "merge_partials", "partials",
@@ -59,7 +60,7 @@ class Partials:
 
 
 def partials(admins: pd.DataFrame, ended: pd.Series | set[str],
-             registry: Registry) -> Partials:
+             registry: Registry, grouped: Grouped | None = None) -> Partials:
     """The partial aggregates of the episodes in ``admins`` (all of each one's rows).
 
     Parameters
@@ -68,27 +69,42 @@ def partials(admins: pd.DataFrame, ended: pd.Series | set[str],
         ``episode_id, measure, administered_at, score``.
     ended
         Ids of episodes with an end date (curves use finished episodes only).
+    grouped
+        ``admins`` already ordered by :func:`group_administrations`, if the caller has it.
     """
     if admins.empty:
         return Partials(pd.DataFrame(columns=FIRSTS_COLUMNS),
                         pd.DataFrame(columns=HIST_COLUMNS))
-    a = admins.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
-    g = a.groupby(["episode_id", "measure"], sort=False, observed=True)
-    first = g["score"].transform("first").to_numpy(dtype=np.int64)
-    k = g.cumcount().to_numpy() + 1
-    is_first = k == 1
-    f = pd.DataFrame({"measure": a["measure"].to_numpy()[is_first],
-                      "x": first[is_first]})
+    g = grouped if grouped is not None else group_administrations(admins)
+    a = g.frame
+    score = a["score"].to_numpy(dtype=np.int64)
+    measure = a["measure"].to_numpy()
+    f = pd.DataFrame({"measure": measure[g.starts], "x": score[g.starts]})
     f["x2"] = f["x"] * f["x"]
     firsts = f.groupby("measure", observed=True).agg(
         n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum")).reset_index()
-    done = a["episode_id"].isin(set(ended)).to_numpy()
-    band = baseline_band(a["measure"], pd.Series(first, index=a.index), registry)
-    h = pd.DataFrame({"measure": a["measure"].to_numpy()[done],
-                      "band": band.to_numpy()[done], "k": k[done],
-                      "score": a["score"].to_numpy(dtype=np.int64)[done]})
-    hist = h.groupby(["measure", "band", "k", "score"], observed=True).size() \
-        .rename("count").reset_index()
+    # Band and "finished" belong to the episode x measure: one per group, then per row.
+    band = baseline_band(f["measure"], f["x"], registry)
+    m_code, m_names = pd.factorize(f["measure"], sort=True)
+    b_code, b_names = pd.factorize(band, sort=True)
+    done_g = a["episode_id"].take(g.starts).isin(set(ended)).to_numpy()
+    done = done_g[g.gid]
+    k, x = g.k[done], score[done]
+    mb = (m_code.astype(np.int64) * len(b_names) + b_code)[g.gid[done]]
+    # Histogram by one integer key whose order is (measure, band, k, score): sorted
+    # codes keep the text order, so this equals a sorted groupby, without text keys.
+    if x.size:
+        lo_x, n_k, n_x = int(x.min()), int(k.max()), int(x.max() - x.min()) + 1
+        key, count = np.unique((mb * n_k + (k - 1)) * n_x + (x - lo_x), return_counts=True)
+    else:
+        lo_x, n_k, n_x = 0, 1, 1
+        key, count = np.array([], dtype=np.int64), np.array([], dtype=np.int64)
+    mb_of, rest = np.divmod(key, n_k * n_x)
+    k_of, x_of = np.divmod(rest, n_x)
+    hist = pd.DataFrame({
+        "measure": m_names.take(mb_of // len(b_names)),
+        "band": b_names.take(mb_of % len(b_names)),
+        "k": k_of + 1, "score": x_of + lo_x, "count": count.astype(np.int64)})
     return Partials(firsts[FIRSTS_COLUMNS], hist[HIST_COLUMNS])
 
 

@@ -31,6 +31,7 @@ from pipeline.store import (
     administrations,
     batches,
     bulk_insert,
+    bulk_read,
     compute_runs,
     episodes,
     expected_curves,
@@ -78,7 +79,7 @@ class ComputeReport:
 def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
     cols = [administrations.c[c] for c in _ADMIN_COLS]
     if episode_ids is None:
-        df = read_frame(conn, sa.select(*cols), raw=True)
+        df = bulk_read(conn, administrations, _ADMIN_COLS)
     else:
         parts = [read_frame(conn, sa.select(*cols).where(
             administrations.c.episode_id.in_(episode_ids[i:i + 900])), raw=True)
@@ -90,6 +91,8 @@ def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataF
     df["session_number"] = df["session_number"].astype("Int64")
     df["episode_id"] = df["episode_id"].astype("str")
     df["measure"] = df["measure"].astype("str")
+    df["risk"] = df["risk"].astype("str")
+    df["risk_value"] = df["risk_value"].astype("float64")
     return df
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from pipeline.config import Settings
 from pipeline.errors import StoreError
 from pipeline.scales import Registry
-from pipeline.store import SCHEMA_VERSION, Store
+from pipeline.store import SCHEMA_VERSION, Store, bulk_read, read_frame
 from tests.conftest import (
     ADM_HEADER,
     SAMPLE_INPUT,
@@ -205,3 +206,46 @@ def test_postgresql_and_sqlite_give_identical_results_on_the_sample(
     for t in tables:
         assert len(a[t]) > 0, t
         pd.testing.assert_frame_equal(a[t], b[t], check_dtype=False, obj=t)
+
+
+def _bulk_and_raw(store: Store, ids: list[str | None], n_copies: int = 1
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write a small scratch table, read it by :func:`bulk_read` and by the row path."""
+    meta = sa.MetaData()
+    t = sa.Table("bulk_probe", meta, sa.Column("pk", sa.Integer, primary_key=True),
+                 sa.Column("name", sa.String), sa.Column("n", sa.Integer),
+                 sa.Column("at", sa.DateTime))
+    with store.transaction() as conn:
+        meta.create_all(conn)
+        rows = [
+            {"name": v, "n": None if i % 3 == 0 else i * 1_000_003,
+             "at": datetime(2026, 1, 1 + i % 28, 10, 30)}
+            for i, v in enumerate(ids * n_copies)]
+        if rows:
+            conn.execute(t.insert(), rows)
+        bulk = bulk_read(conn, t, ["name", "n", "at"], chunk_rows=7)
+        raw = read_frame(conn, sa.select(t.c.name, t.c.n, t.c.at), raw=True)
+    return bulk, raw
+
+
+@pytest.mark.parametrize("ids", [
+    ["E1", None, "E,3", "E \"4\"", "Ünïcode"],
+    ["E1", "bad\x1fseparator", "E3"],  # a separator inside a value: row-by-row path
+    ["E1", "two\nlines", "E3"],
+])
+def test_bulk_read_equals_the_row_by_row_read(store: Store, ids: list[str | None]) -> None:
+    bulk, raw = _bulk_and_raw(store, ids, n_copies=5)  # 15 rows, chunks of 7 on SQLite
+    assert len(bulk) == len(raw) == 5 * len(ids)
+    def plain(values: pd.Series) -> list[Any]:
+        return [None if v is None or (isinstance(v, float) and v != v) else v
+                for v in values.tolist()]
+
+    assert plain(bulk["name"]) == plain(raw["name"]) == [*ids] * 5
+    assert [None if pd.isna(v) else int(v) for v in bulk["n"]] == \
+        [None if v is None or v != v else int(v) for v in raw["n"]]
+    assert (pd.to_datetime(bulk["at"]) == pd.to_datetime(raw["at"])).all()
+
+
+def test_bulk_read_of_an_empty_table(store: Store) -> None:
+    bulk, raw = _bulk_and_raw(store, [])
+    assert bulk.empty and raw.empty and list(bulk.columns) == ["name", "n", "at"]

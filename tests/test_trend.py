@@ -150,3 +150,25 @@ def test_group_order_and_columns() -> None:
     assert len(out) == len(GROUPS)
     for col in ("n", "sum_d", "sum_y", "sum_dy", "sum_dd"):
         assert out[col].dtype == np.int64, col
+
+
+def test_theil_sen_on_many_group_sizes_matches_scipy() -> None:
+    """Groups of 1 to 40 administrations (the vectorised path stacks groups by size),
+    with tied days, each against scipy.stats.theilslopes on that group alone."""
+    rng = np.random.default_rng(11)
+    groups: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for i in range(300):
+        m = int(rng.integers(1, 41))
+        days = np.sort(rng.integers(0, 200, m)).tolist()  # repeats give tied days
+        groups[(f"E{i:03d}", "PHQ-9")] = (days, rng.integers(0, 28, m).tolist())
+    out = by_key(grouped_trend(long_frame(groups), ["episode_id", "measure"]))
+    checked = 0
+    for key, (days, ys) in groups.items():
+        distinct = len(set(days)) > 1
+        if len(days) >= 3 and distinct:
+            expected = 7 * stats.theilslopes(ys, days).slope
+            assert_allclose(out.loc[key, "theil_sen_week"], expected, rtol=1e-12, atol=1e-12)
+            checked += 1
+        else:  # fewer than 3 points, or all on one day: no trend
+            assert np.isnan(out.loc[key, "theil_sen_week"])
+    assert checked > 250

@@ -1,0 +1,48 @@
+"""Ordering administrations into episode x measure groups: the same order, boundaries
+and administration numbers as a plain stable sort of the text keys, by any input order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.stats.groups import group_administrations
+
+
+def frame(seed: int, n: int = 2000) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    episodes = np.array(["E10", "E9", "e1", "E1", "É2", "E1 ", "Z", "A-1"])
+    at = pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 50, n), unit="D")
+    return pd.DataFrame({
+        "episode_id": pd.array(rng.choice(episodes, n), dtype="str"),
+        "measure": pd.array(rng.choice(["PHQ-9", "GAD-7", "CORE-10"], n), dtype="str"),
+        "administered_at": at.astype("datetime64[us]"),  # many ties: input order kept
+        "score": rng.integers(0, 28, n),
+        "row": np.arange(n),
+    })
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_group_order_equals_a_stable_sort(seed: int) -> None:
+    a = frame(seed)
+    g = group_administrations(a)
+    expected = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    assert g.frame["row"].tolist() == expected["row"].tolist()
+    keys = list(zip(expected["episode_id"], expected["measure"], strict=True))
+    # Boundaries and numbering, computed the slow, readable way.
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+    assert g.starts.tolist() == starts
+    assert g.ends.tolist() == [s - 1 for s in starts[1:]] + [len(keys) - 1]
+    k, gid = [], []
+    for i in range(len(keys)):
+        k.append(1 if i in set(starts) else k[-1] + 1)
+        gid.append(len([s for s in starts if s <= i]) - 1)
+    assert g.k.tolist() == k
+    assert g.gid.tolist() == gid
+    assert g.n_groups == len(set(keys))
+
+
+def test_empty() -> None:
+    g = group_administrations(frame(1).iloc[:0])
+    assert g.n_groups == 0 and g.frame.empty

@@ -1,0 +1,119 @@
+"""Benchmark: OnTrack end to end at a given size, through the command line, one process
+per step so each step's peak memory is its own.
+
+Steps, on a fresh SQLite store (the default store):
+
+1. ``ontrack ingest`` of the synthetic CSVs (records/s, peak RSS: streamed in chunks
+   inside one batch, so the peak should not grow with the file);
+2. ``ontrack compute --full`` (wall, peak RSS, and the step breakdown it reports);
+3. one ``ontrack run`` cycle bringing 10,000 new administrations (median of
+   ``--repeat``, each on a fresh copy of the store);
+4. the dashboard's caseload and service data callbacks on that store
+   (:mod:`benchmarks.bench_dashboard`, median of ``--repeat``).
+
+Sizes: ``--episodes 55000`` gives ~1M administrations, ``--episodes 560000`` ~10M.
+
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--episodes 55000] [--repeat 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+# Runs the ontrack command line in this process, then reports its own peak RSS.
+MEASURE = ("import json, resource, sys, time\n"
+           "from pipeline.cli import main\n"
+           "t = time.perf_counter()\n"
+           "code = main(sys.argv[1:])\n"
+           "print(json.dumps({'wall': time.perf_counter() - t, 'code': code or 0,\n"
+           "  'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),\n"
+           "  file=sys.stderr)\n")
+
+
+def ontrack(args: list[str], db: Path, env: dict[str, str] | None = None
+            ) -> tuple[dict[str, float], str]:
+    e = dict(os.environ, ONTRACK_DATABASE_URL=f"sqlite:///{db}", PYTHONPATH=str(HERE.parent),
+             **(env or {}))
+    r = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True,
+                       text=True, env=e, cwd=HERE.parent, check=False)
+    if r.returncode != 0:
+        sys.exit(f"ontrack {' '.join(args)} failed:\n{r.stdout}\n{r.stderr[-3000:]}")
+    return json.loads(r.stderr.strip().splitlines()[-1]), r.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--episodes", type=int, default=55_000)
+    ap.add_argument("--new", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default="benchmarks/_data/scale")
+    args = ap.parse_args()
+    base = Path(args.dir) / str(args.episodes)
+    inp = base / "sample" / "input"
+    if not (inp / "administrations.csv").exists():
+        t = time.perf_counter()
+        ontrack(["synth", "--out", str(base / "sample"), "--episodes", str(args.episodes),
+                 "--therapists", str(max(15, args.episodes // 300)), "--seed", "7"],
+                base / "unused.db")
+        print(f"synthetic data written in {time.perf_counter() - t:.0f} s")
+    records = sum(sum(1 for _ in open(f, encoding="utf-8")) - 1 for f in inp.glob("*.csv"))
+    n_adm = sum(1 for _ in open(inp / "administrations.csv", encoding="utf-8")) - 1
+    db = base / "store.db"
+    for f in base.glob("store.db*"):
+        f.unlink()
+
+    ontrack(["init"], db)
+    m, _ = ontrack(["ingest", str(inp)], db)
+    print(f"ingest: {records:,} records ({n_adm:,} administrations) in {m['wall']:.1f} s = "
+          f"{records / m['wall']:,.0f} records/s; peak RSS {m['peak_mb']:,.0f} MB")
+
+    m, out = ontrack(["compute", "--full", "--json"], db)
+    t = json.loads(out)["timings"]
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in t.items() if k != "total")
+    print(f"compute --full: {m['wall']:.1f} s wall ({t['total']:.1f} s in compute: {steps}); "
+          f"peak RSS {m['peak_mb']:,.0f} MB")
+
+    # One cycle: the latest administration of some episodes, a week later.
+    adm = pd.read_csv(inp / "administrations.csv", dtype="str", keep_default_na=False)
+    last = adm.sort_values("administered_at").groupby(["episode_id", "measure"]).tail(1)
+    new = last.sample(n=min(args.new, len(last)), random_state=1).copy()
+    new["administered_at"] = (pd.to_datetime(new["administered_at"]) +
+                              pd.Timedelta(days=7)).dt.strftime("%Y-%m-%dT%H:%M:00")
+    new["session_number"] = (pd.to_numeric(new["session_number"]) + 1).astype(str)
+    del adm, last
+    walls, peaks = [], []
+    for i in range(args.repeat):
+        work = base / f"cycle{i}"
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "inbox").mkdir(parents=True)
+        shutil.copy(db, work / "store.db")
+        new.to_csv(work / "inbox" / "new.csv", index=False)
+        m, _ = ontrack(["run"], work / "store.db",
+                       env={"ONTRACK_DATA_DIR": str(work), "ONTRACK_INBOX": str(work / "inbox")})
+        walls.append(m["wall"])
+        peaks.append(m["peak_mb"])
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"cycle with {len(new):,} new administrations: median {statistics.median(walls):.1f} s "
+          f"(min {min(walls):.1f}, max {max(walls):.1f}, n={args.repeat}); "
+          f"peak RSS {max(peaks):,.0f} MB")
+
+    r = subprocess.run([sys.executable, str(HERE / "bench_dashboard.py"), "--store", str(db),
+                        "--repeat", str(max(args.repeat, 5))], capture_output=True, text=True,
+                       cwd=HERE.parent, env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                       check=False)
+    print(r.stdout.strip() if r.returncode == 0 else f"dashboard failed: {r.stderr[-2000:]}")
+
+
+if __name__ == "__main__":
+    main()

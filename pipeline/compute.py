@@ -243,9 +243,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # and builds one, whatever was asked: a reference from a partition would be wrong.
         mode = "full" if full or last is None or not has_reference else "incremental"
         if mode == "incremental":
+            # No DISTINCT: SQLite would answer it by scanning the whole unique index
+            # rather than searching the batch_id index for the few new rows.
             touched = {r[0] for r in conn.execute(sa.select(administrations.c.episode_id)
-                                                  .where(administrations.c.batch_id > last)
-                                                  .distinct())}
+                                                  .where(administrations.c.batch_id > last))}
             touched |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id)
                                                    .where(episodes.c.batch_id > last))}
             ids: list[str] | None = sorted(touched)

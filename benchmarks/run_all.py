@@ -4,7 +4,7 @@ Each script runs in its own process (so peak memory is its own) with the argumen
 below; its output is copied into RESULTS.md under the machine, library versions and
 date. Sizes are parameters: ``--quick`` runs small sizes to check that everything works.
 
-Run: ``.venv/bin/python benchmarks/run_all.py [--quick]``
+Run: ``.venv/bin/python benchmarks/run_all.py [--quick] [--scale]``
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ FULL = [
     ("bench_dashboard.py", [], "dashboard callbacks on 100k episodes"),
     ("bench_cycle.py", ["--repeat", "3"],
      "one `ontrack run` with 10k new administrations on a ~1M store"),
+    ("bench_scale.py", ["--episodes", "55000", "--repeat", "3"],
+     "end to end through the command line at ~1M administrations"),
+]
+#: ``--scale``: the 10M tier (about 25 minutes more).
+SCALE = [
+    ("bench_scale.py", ["--episodes", "560000", "--repeat", "3"],
+     "end to end through the command line at ~10M administrations"),
 ]
 QUICK = [
     ("bench_compute.py", ["--episodes", "3000", "--repeat", "1"], FULL[0][2]),
@@ -52,9 +59,10 @@ def versions() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scale", action="store_true", help="add the 10M-administration tier")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
-    runs = QUICK if args.quick else FULL
+    runs = QUICK if args.quick else FULL + (SCALE if args.scale else [])
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
     lines = [
         "# Benchmark results",
@@ -64,7 +72,8 @@ def main() -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
         f"{platform.platform()}",
         f"- Python {platform.python_version()}; {versions()}",
-        "- Regenerate: `.venv/bin/python benchmarks/run_all.py`",
+        "- Regenerate: `.venv/bin/python benchmarks/run_all.py`"
+        + (" --scale" if args.scale else "") + " (`--scale` adds the 10M tier)",
         "",
     ]
     for script, script_args, what in runs:

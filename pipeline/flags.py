@@ -33,7 +33,7 @@ from scipy import stats
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import flags as flags_table
-from pipeline.store import read_frame, to_records
+from pipeline.store import bulk_insert, read_frame, to_records
 
 __all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "refresh", "risk_flags"]
 
@@ -415,7 +415,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     new = m[m["flag_id"].isna()]
     if not new.empty:
         rows = new[FLAG_COLUMNS].assign(first_raised=now, last_seen=now, state="open")
-        conn.execute(flags_table.insert(), to_records(rows))
+        bulk_insert(conn, flags_table, rows)  # the store's bulk path (COPY on PostgreSQL)
         counts["raised"] = len(new)
     old = m[m["flag_id"].notna()]
     if not old.empty:

@@ -131,11 +131,15 @@ def _stored_reference(conn: sa.Connection) -> Reference:
                      curves=curves.drop(columns="run_id"))
 
 
-def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: int) -> None:
-    """Insert a result frame (stamped with the run) by the store's bulk path."""
+def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: int,
+            stored: bool = False) -> pd.DataFrame | None:
+    """Insert a result frame (stamped with the run) by the store's bulk path; with
+    ``stored``, return what reading it back would give (:func:`stored_frame`)."""
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
-    bulk_insert(conn, table, f[[c for c in cols if c in f.columns]])
+    f = f[[c for c in cols if c in f.columns]]
+    rows = bulk_insert(conn, table, f, keep_rows=stored)
+    return stored_frame(table, f, rows) if stored else None
 
 
 def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None
@@ -287,10 +291,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
                 conn.execute(outcomes.delete().where(outcomes.c.episode_id.in_(part)))
                 conn.execute(sudden_changes.delete().where(
                     sudden_changes.c.episode_id.in_(part)))
-        if not out.empty:
-            _insert(conn, outcomes, out, run_id)
-        if not sudden.empty:
-            _insert(conn, sudden_changes, sudden, run_id)
+        # A full run hands what it wrote to the flag rules rather than reading it back.
+        keep = ids is None
+        out_stored = _insert(conn, outcomes, out, run_id, stored=keep)
+        sudden_stored = _insert(conn, sudden_changes, sudden, run_id, stored=keep)
         if rebuild:
             conn.execute(reference_norms.delete())
             conn.execute(expected_curves.delete())
@@ -316,9 +320,8 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # touched episodes, while its scope also covers every open one.
         inp = rule_input(conn, registry, settings, now, scope,
                          admins=admins if scope is None else None,
-                         written=None if scope is not None else (
-                             stored_frame(outcomes, out.assign(run_id=run_id)),
-                             stored_frame(sudden_changes, sudden.assign(run_id=run_id))))
+                         written=None if out_stored is None or sudden_stored is None
+                         else (out_stored, sudden_stored))
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
         _replace(conn, goal_status_table, inp.goals, scope, run_id)

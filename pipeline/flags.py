@@ -32,8 +32,8 @@ from scipy import stats
 
 from pipeline.config import Settings
 from pipeline.scales import Registry
-from pipeline.store import flags as flags_table
 from pipeline.store import bulk_insert, read_frame, to_records
+from pipeline.store import flags as flags_table
 
 __all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "refresh", "risk_flags"]
 

@@ -743,33 +743,46 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
     return values
 
 
-def stored_frame(table: sa.Table, frame: pd.DataFrame) -> pd.DataFrame:
+def stored_frame(table: sa.Table, frame: pd.DataFrame,
+                 rows: list[tuple[Any, ...]] | None = None) -> pd.DataFrame:
     """``frame`` as reading it back from ``table`` would give it: the table's columns
-    (absent ones None), values converted as :func:`bulk_insert` stores them, booleans as
-    Python ``bool`` and datetimes as the stored text, built by the same
-    ``DataFrame.from_records`` as :func:`read_frame`. A caller that has just written a
-    frame uses this instead of reading the table again; the consumers convert datetime
-    columns with pandas, as they do after a read.
+    (absent ones None), values converted as :func:`bulk_insert` stores them (datetimes
+    as the stored text), built by the same ``DataFrame.from_records`` as
+    :func:`read_frame`. A caller that has just written a frame uses this instead of
+    reading the table again; the consumers convert datetime columns with pandas and
+    booleans to ``bool`` (SQLite stores 0/1), as they do after a read.
+
+    ``rows`` are the tuples :func:`bulk_insert` returned for ``frame`` (``keep_rows``),
+    so the values are not converted twice.
     """
     names = [c.name for c in table.c]
-    n = len(frame)
-    columns = [_column_values(frame[c.name], c.type, "postgresql") if c.name in frame.columns
-               else [None] * n for c in table.c]
-    rows = list(zip(*columns, strict=True))
-    return pd.DataFrame.from_records(rows, columns=names, coerce_float=False) if rows \
-        else pd.DataFrame(columns=names)
+    if rows is None:
+        present = [c.name for c in table.c if c.name in frame.columns]
+        rows = list(zip(*[_column_values(frame[n], table.c[n].type, "postgresql")
+                          for n in present], strict=True))
+    else:
+        present = [str(c) for c in frame.columns]
+    if not rows:
+        return pd.DataFrame(columns=names)
+    out = pd.DataFrame.from_records(rows, columns=present, coerce_float=False)
+    for n in names:
+        if n not in out.columns:
+            out[n] = None
+    return out[names]
 
 
-def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
+def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
+                keep_rows: bool = False) -> list[tuple[Any, ...]] | None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
     Values are stored exactly as SQLAlchemy would store them (datetimes as SQLAlchemy's
     SQLite text format, booleans 0/1 on SQLite), so every reader sees the same rows;
     SQLAlchemy's per-row parameter processing, most of an ingest's time, is skipped.
+    With ``keep_rows`` the inserted tuples are returned (see :func:`stored_frame`).
     """
     if frame.empty:
-        return
+        return [] if keep_rows else None
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
     columns = [_column_values(frame[n], table.c[n].type, dialect) for n in names]
@@ -790,6 +803,7 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
             cur.close()
     else:  # any other database: SQLAlchemy's generic path
         conn.execute(table.insert(), to_records(frame))
+    return rows if keep_rows else None
 
 
 def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:

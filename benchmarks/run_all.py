@@ -72,8 +72,8 @@ def main() -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
         f"{platform.platform()}",
         f"- Python {platform.python_version()}; {versions()}",
-        "- Regenerate: `.venv/bin/python benchmarks/run_all.py`"
-        + (" --scale" if args.scale else "") + " (`--scale` adds the 10M tier)",
+        "- Regenerate: `.venv/bin/python benchmarks/run_all.py"
+        + (" --scale" if args.scale else "") + "` (`--scale` adds the 10M tier)",
         "",
     ]
     for script, script_args, what in runs:

@@ -142,6 +142,9 @@ def test_researcher_export_page(server: dict[str, Any], browser: Any, tmp_path: 
     # Researchers have no caseload: the navigation offers only aggregates and exports.
     nav = page.inner_text("nav")
     assert "Caseload" not in nav and "Research export" in nav
+    # Signing in lands on "/", the caseload, which is not theirs: the notice links theirs.
+    page.wait_for_selector("text=Your pages", timeout=15000)
+    shot(page, "researcher-landing")
     page.goto(f"{url}/export")
     page.wait_for_selector("#export-submit", timeout=15000)
     assert "Research export" in page.inner_text("h2")

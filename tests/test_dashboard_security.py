@@ -293,6 +293,11 @@ def test_idor_page_router(env: dict[str, Any], secrets_: dict[str, Any]) -> None
         body = page(user, path)
         assert "do not have access" in body, (user, path)
         assert foreign not in body
+    # A researcher signing in lands on "/": the notice links the pages they may open.
+    body = json.dumps(json.loads(page("researcher", "/")))  # unescape "\u002f"
+    for href in ('"/service"', '"/quality"', '"/export"'):
+        assert href in body, href
+    assert "Caseload" not in body
     # Positive controls: the owner and the director do see it.
     assert secrets_["names"][foreign] in page("other", f"/client/{foreign}")
     assert secrets_["names"][foreign] in page("director", f"/client/{foreign}")

@@ -77,7 +77,7 @@ def rows(viewer: Viewer, team: str | None, therapist: str | None) -> list[dict[s
 def layout(**_: Any) -> Any:
     viewer = current_viewer()
     if viewer is None or not may_see_clients(viewer):
-        return denied("the caseload")
+        return denied("the caseload", viewer)
     opts = get_data().options(viewer)
     director = viewer.role in ("director", "admin")
     filters = dbc.Row([

@@ -6,11 +6,26 @@ from typing import Any
 
 import dash_bootstrap_components as dbc
 import pandas as pd
-from dash import html
+from dash import dcc, html
+
+from dashboard.access import Viewer, may_export, may_see_clients, may_see_service
 
 
-def denied(what: str = "this page") -> Any:
-    return dbc.Alert(f"You do not have access to {what}.", color="secondary")
+def denied(what: str = "this page", viewer: Viewer | None = None) -> Any:
+    """The no-access notice; with the viewer, links to the pages their role may open
+    (a researcher signing in lands on the caseload, which is not theirs)."""
+    pages = [] if viewer is None else [
+        (href, label) for href, label, allowed in (
+            ("/", "Caseload", may_see_clients(viewer)),
+            ("/service", "Service outcomes", may_see_service(viewer)),
+            ("/quality", "Data quality", may_see_service(viewer)),
+            ("/export", "Research export", may_export(viewer)))
+        if allowed]
+    links = [html.Span(" Your pages: ")] + [
+        item for i, (href, label) in enumerate(pages)
+        for item in ([html.Span(", ")] if i else []) + [dcc.Link(label, href=href)]] \
+        if pages else []
+    return dbc.Alert([f"You do not have access to {what}.", *links], color="secondary")
 
 
 def table(frame: pd.DataFrame, columns: dict[str, str], fmt: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ def denied(what: str = "this page", viewer: Viewer | None = None) -> Any:
             ("/quality", "Data quality", may_see_service(viewer)),
             ("/export", "Research export", may_export(viewer)))
         if allowed]
-    links = [html.Span(" Your pages: ")] + [
+    links: list[Any] = [html.Span(" Your pages: ")] + [
         item for i, (href, label) in enumerate(pages)
         for item in ([html.Span(", ")] if i else []) + [dcc.Link(label, href=href)]] \
         if pages else []

@@ -36,6 +36,9 @@ FULL = [
 SCALE = [
     ("bench_scale.py", ["--episodes", "560000", "--repeat", "3"],
      "end to end through the command line at ~10M administrations"),
+    ("bench_dask.py", ["--copies", "100", "--partitions", "160", "--engines", "pandas",
+                       "--repeat", "1"],
+     "statistics over ~100M administrations in Parquet, pandas engine, one process"),
 ]
 QUICK = [
     ("bench_compute.py", ["--episodes", "3000", "--repeat", "1"], FULL[0][2]),

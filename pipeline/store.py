@@ -592,14 +592,18 @@ class Store:
         for rec in to_records(updated[cols]) if not updated.empty else []:
             conn.execute(table.update().where(table.c[key] == rec[key]).values(**rec))
 
-    def insert_goals(self, conn: Connection, frame: pd.DataFrame, batch_id: int) -> None:
+    def insert_goals(self, conn: Connection, frame: pd.DataFrame, batch_id: int,
+                     new_plans: bool = True) -> None:
+        """Insert goals; with ``new_plans``, also their plan rows (else the plans exist)."""
         if frame.empty:
             return
         now = utcnow()
-        plan_rows = [{"episode_id": e, "version": int(v), "created_at": now, "batch_id": batch_id}
-                     for e, v in frame[["episode_id", "plan_version"]].drop_duplicates()
-                     .itertuples(index=False)]
-        conn.execute(plans.insert(), plan_rows)
+        if new_plans:
+            plan_rows = [{"episode_id": e, "version": int(v), "created_at": now,
+                          "batch_id": batch_id}
+                         for e, v in frame[["episode_id", "plan_version"]].drop_duplicates()
+                         .itertuples(index=False)]
+            conn.execute(plans.insert(), plan_rows)
         cols = [c.name for c in goals.c]
         conn.execute(goals.insert(), to_records(frame[cols]))
 

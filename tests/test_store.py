@@ -249,3 +249,45 @@ def test_bulk_read_equals_the_row_by_row_read(store: Store, ids: list[str | None
 def test_bulk_read_of_an_empty_table(store: Store) -> None:
     bulk, raw = _bulk_and_raw(store, [])
     assert bulk.empty and raw.empty and list(bulk.columns) == ["name", "n", "at"]
+
+
+PLAN_HEADER = ["episode_id", "goal_id", "measure", "kind", "target", "due", "description",
+               "sustain"]
+
+
+def _goal(episode: str, goal: str, target: int = 10) -> dict[str, Any]:
+    return {"episode_id": episode, "goal_id": goal, "measure": "PHQ-9", "kind": "below",
+            "target": target, "due": "session:12", "description": f"below {target}",
+            "sustain": 1}
+
+
+def test_a_plan_straddling_chunks_keeps_every_goal(indir: Path, entities: list[Path],
+                                                   store: Store, registry: Registry) -> None:
+    """Chunks of 2 records: E1's three goals arrive in two chunks and are one plan; a
+    changed goal later in the same file is still a conflict, and a re-import is all
+    duplicates. (Found at 560k episodes: goals at a 200,000-row boundary were lost.)"""
+    settings = Settings(chunk_rows=2)
+    rows = [_goal("E1", "G1"), _goal("E1", "G2", 8), _goal("E1", "G3", 5), _goal("E2", "G1"),
+            _goal("E2", "G1", 12)]  # E2's G1 twice, different: a conflict
+    plans_csv = write_csv(indir / "plans.csv", PLAN_HEADER, rows)
+    rep = ingest([*entities, plans_csv], store, settings, registry)
+    f = next(x for x in rep.files if x.kind == "plans")
+    assert (f.records, f.accepted, f.duplicates, f.quarantined) == (5, 4, 0, 1)
+    goals_ = store.read_table("goals")
+    assert sorted(zip(goals_["episode_id"], goals_["goal_id"], goals_["plan_version"],
+                      strict=True)) == [("E1", "G1", 1), ("E1", "G2", 1), ("E1", "G3", 1),
+                                        ("E2", "G1", 1)]
+    assert len(store.read_table("plans")) == 2
+    q = quarantine(store)
+    assert q["reason"].tolist() == ["conflict"] and q["line"].tolist() == [6]
+
+    # The same file again, in a new batch: every goal is a duplicate (the conflicting
+    # row stays a conflict); nothing is appended to a plan made by an earlier batch.
+    rep2 = ingest([plans_csv], store, settings, registry)
+    f2 = rep2.files[0]
+    assert (f2.accepted, f2.duplicates, f2.quarantined) == (0, 4, 1)
+    more = indir / "more"
+    more.mkdir()
+    extra = write_csv(more / "plans.csv", PLAN_HEADER, [_goal("E1", "G4")])
+    rep3 = ingest([extra], store, settings, registry)
+    assert (rep3.files[0].accepted, rep3.files[0].quarantined) == (0, 1)  # a revision

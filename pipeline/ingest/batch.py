@@ -212,6 +212,7 @@ class _Ingestor:
         self.settings = settings
         self.registry = registry
         self.now = now or utcnow()
+        self._file_plans: set[str] = set()
 
     def context(self, conn: Connection) -> Context:
         ep = self.store.episode_clients(conn)
@@ -233,6 +234,7 @@ class _Ingestor:
 
     def ingest_file(self, op: _Opened) -> FileReport:
         rep = FileReport(file=str(op.path), kind=op.kind, status="committed")
+        self._file_plans = set()  # episodes whose plan this file created
         digest = content_hash(op.path)
         with self.store.transaction() as conn:
             rep.batch_id = self.store.start_batch(conn, str(op.path), digest, op.kind, self.now)
@@ -431,9 +433,15 @@ class _Ingestor:
             frame.set_index(ident).index)).to_numpy()
         same_store = (frame["_fp"] == frame["_fp_s"]).fillna(False).to_numpy()
         f = first.to_numpy()
-        duplicate = same_store | (~f & same_first & ~has_plan)
+        # A plan whose first goals came earlier in this same file (an earlier chunk) is
+        # still being read: its further goals belong to it. Without this, an episode whose
+        # goals straddle a chunk boundary lost the later goals as "conflict".
+        in_file = frame["episode_id"].isin(self._file_plans).to_numpy() & has_plan
+        goal_known = frame["_fp_s"].notna().to_numpy()
+        duplicate = same_store | (~f & same_first & (~has_plan | (in_file & ~goal_known)))
         new = f & ~has_plan
-        conflict = ~duplicate & ~new
+        append = f & in_file & ~goal_known
+        conflict = ~duplicate & ~new & ~append
         rep.duplicates += int(duplicate.sum())
         if conflict.any():
             self._quarantine(conn, rep, [
@@ -444,7 +452,14 @@ class _Ingestor:
                 for r in frame.loc[conflict].to_dict(orient="records")])
         goals = frame.loc[new].assign(plan_version=1)
         self.store.insert_goals(conn, goals, rep.batch_id or 0)
-        rep.accepted += int(new.sum())
+        if append.any():
+            version = stored.groupby("episode_id")["plan_version"].max()
+            more = frame.loc[append]
+            more = more.assign(plan_version=more["episode_id"].map(version).astype("int64"))
+            self.store.insert_goals(conn, more, rep.batch_id or 0, new_plans=False)
+            rep.episodes_touched.update(more["episode_id"])
+        self._file_plans.update(goals["episode_id"])
+        rep.accepted += int(new.sum() + append.sum())
         rep.episodes_touched.update(goals["episode_id"])
 
 

@@ -16,15 +16,13 @@ import statistics
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline.compute import compute
 from pipeline.config import Settings
 from pipeline.ingest.batch import ingest_paths
 from pipeline.jobs import run_cycle
 from pipeline.scales import load_registry
 from pipeline.store import Store
-from pipeline.synth import SynthConfig, write_sample
+from pipeline.synth import SynthConfig, next_week, write_sample
 
 
 def main() -> None:
@@ -48,15 +46,9 @@ def main() -> None:
         compute(store, s, reg, full=True)
         store.engine.dispose()
         print(f"built the base store in {time.perf_counter() - t:.0f} s")
-    adm = pd.read_csv(base / "sample" / "input" / "administrations.csv", dtype="str",
-                      keep_default_na=False)
-    n_base = len(adm)
-    # New week: the latest administration of some open-looking episodes, a week later.
-    last = adm.sort_values("administered_at").groupby(["episode_id", "measure"]).tail(1)
-    new = last.sample(n=min(args.new, len(last)), random_state=1).copy()
-    new["administered_at"] = (pd.to_datetime(new["administered_at"]) +
-                              pd.Timedelta(days=7)).dt.strftime("%Y-%m-%dT%H:%M:00")
-    new["session_number"] = (pd.to_numeric(new["session_number"]) + 1).astype(str)
+    csv = base / "sample" / "input" / "administrations.csv"
+    n_base = sum(1 for _ in open(csv, encoding="utf-8")) - 1
+    new = next_week(csv, args.new)
     times, breakdown = [], []
     for i in range(args.repeat):
         work = base / f"run{i}"

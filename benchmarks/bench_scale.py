@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
+from pipeline.synth import next_week
 
 HERE = Path(__file__).resolve().parent
 # Runs the ontrack command line in this process, then reports its own peak RSS.
@@ -84,14 +84,7 @@ def main() -> None:
     print(f"compute --full: {m['wall']:.1f} s wall ({t['total']:.1f} s in compute: {steps}); "
           f"peak RSS {m['peak_mb']:,.0f} MB")
 
-    # One cycle: the latest administration of some episodes, a week later.
-    adm = pd.read_csv(inp / "administrations.csv", dtype="str", keep_default_na=False)
-    last = adm.sort_values("administered_at").groupby(["episode_id", "measure"]).tail(1)
-    new = last.sample(n=min(args.new, len(last)), random_state=1).copy()
-    new["administered_at"] = (pd.to_datetime(new["administered_at"]) +
-                              pd.Timedelta(days=7)).dt.strftime("%Y-%m-%dT%H:%M:00")
-    new["session_number"] = (pd.to_numeric(new["session_number"]) + 1).astype(str)
-    del adm, last
+    new = next_week(inp / "administrations.csv", args.new)  # one cycle's new file
     walls, peaks = [], []
     for i in range(args.repeat):
         work = base / f"cycle{i}"

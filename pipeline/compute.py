@@ -139,7 +139,7 @@ def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: i
     f = frame.assign(run_id=run_id)
     f = f[[c for c in cols if c in f.columns]]
     rows = bulk_insert(conn, table, f, keep_rows=stored)
-    return stored_frame(table, f, rows) if stored else None
+    return stored_frame(table, f, rows) if rows is not None else None
 
 
 def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None

@@ -663,7 +663,7 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
     types = _arrow_types(table, names)
     dialect = conn.dialect.name
     convert = pacsv.ConvertOptions(column_types=types, true_values=["t"], false_values=["f"],
-                                   strings_can_be_null=True)
+                                   strings_can_be_null=True, quoted_strings_can_be_null=False)
     tables: list[Any] = []
     if dialect == "postgresql":
         buf = io.BytesIO()
@@ -677,9 +677,7 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
             buf.seek(0)
             tables.append(pacsv.read_csv(
                 buf, read_options=pacsv.ReadOptions(column_names=names),
-                convert_options=pacsv.ConvertOptions(
-                    column_types=types, true_values=["t"], false_values=["f"],
-                    strings_can_be_null=True, quoted_strings_can_be_null=False)))
+                convert_options=convert))
     elif dialect == "sqlite" and all(t in (pa.int64(), pa.string()) for t in types.values()):
         fields = " || char(31) || ".join(f"coalesce(\"{n}\", '')" for n in names)
         top = conn.execute(sa.text(f'SELECT max(rowid) FROM "{table.name}"')).scalar() or 0
@@ -748,27 +746,19 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
 
 
 def stored_frame(table: sa.Table, frame: pd.DataFrame,
-                 rows: list[tuple[Any, ...]] | None = None) -> pd.DataFrame:
-    """``frame`` as reading it back from ``table`` would give it: the table's columns
-    (absent ones None), values converted as :func:`bulk_insert` stores them (datetimes
-    as the stored text), built by the same ``DataFrame.from_records`` as
-    :func:`read_frame`. A caller that has just written a frame uses this instead of
-    reading the table again; the consumers convert datetime columns with pandas and
-    booleans to ``bool`` (SQLite stores 0/1), as they do after a read.
-
-    ``rows`` are the tuples :func:`bulk_insert` returned for ``frame`` (``keep_rows``),
-    so the values are not converted twice.
+                 rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+    """``frame`` as reading it back from ``table`` would give it, from the ``rows``
+    :func:`bulk_insert` (``keep_rows``) stored for it: the table's columns (absent ones
+    None), built by the same ``DataFrame.from_records`` as :func:`read_frame`. A caller
+    that has just written a frame uses this instead of reading the table again; the
+    consumers convert datetime columns with pandas and booleans to ``bool`` (SQLite
+    stores 0/1), as they do after a read.
     """
     names = [c.name for c in table.c]
-    if rows is None:
-        present = [c.name for c in table.c if c.name in frame.columns]
-        rows = list(zip(*[_column_values(frame[n], table.c[n].type, "postgresql")
-                          for n in present], strict=True))
-    else:
-        present = [str(c) for c in frame.columns]
     if not rows:
         return pd.DataFrame(columns=names)
-    out = pd.DataFrame.from_records(rows, columns=present, coerce_float=False)
+    out = pd.DataFrame.from_records(rows, columns=[str(c) for c in frame.columns],
+                                    coerce_float=False)
     for n in names:
         if n not in out.columns:
             out[n] = None

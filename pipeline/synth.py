@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["TYPES", "Dataset", "SynthConfig", "default_sample_config", "generate", "write_sample"]
+__all__ = ["TYPES", "Dataset", "SynthConfig", "default_sample_config", "generate", "next_week",
+           "write_sample"]
 
 #: Trajectory type -> share of episodes. Proportions follow the usual picture of routine
 #: primary-care psychological therapy: about half respond, a fifth do not change, ~5-8%
@@ -347,3 +348,16 @@ def write_sample(out: Path, cfg: SynthConfig = SynthConfig()) -> Dataset:
 def default_sample_config() -> SynthConfig:
     """The configuration of the committed ``data/sample`` (400 episodes, 33 faulty rows)."""
     return SynthConfig(faulty_rows=33)
+
+
+def next_week(administrations_csv: Path, n: int, seed: int = 1) -> pd.DataFrame:
+    """``n`` new administrations for a scheduled cycle (benchmarks): the latest
+    administration of randomly chosen episode x measures of a written dataset, a week
+    later, as the next session; all fields as text, as the CSV holds them."""
+    adm = pd.read_csv(administrations_csv, dtype="str", keep_default_na=False)
+    last = adm.sort_values("administered_at").groupby(["episode_id", "measure"]).tail(1)
+    new = last.sample(n=min(n, len(last)), random_state=seed).copy()
+    new["administered_at"] = (pd.to_datetime(new["administered_at"]) +
+                              pd.Timedelta(days=7)).dt.strftime("%Y-%m-%dT%H:%M:00")
+    new["session_number"] = (pd.to_numeric(new["session_number"]) + 1).astype(str)
+    return new

@@ -209,7 +209,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out.loc[~judged, "not_on_track"] = pd.NA
     out["not_on_track_consecutive"] = judged & not_ok & prev_judged & prev_not_ok
 
-    sudden = _sudden(a, gid_np, n_groups, out, registry)
+    sudden = _sudden(a, gid_np, starts, out, registry)
     counts = sudden.groupby(["episode_id", "measure", "kind"]).agg(
         n=("pregain_session", "size"), first=("pregain_session", "min")).reset_index()
     for kind, n_col, first_col in (("gain", "sudden_gains", "first_sudden_gain"),
@@ -223,19 +223,19 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     return out, sudden
 
 
-def _sudden(a: pd.DataFrame, gid: np.ndarray, n_groups: int, out: pd.DataFrame,
+def _sudden(a: pd.DataFrame, gid: np.ndarray, starts: np.ndarray, out: pd.DataFrame,
             registry: Registry) -> pd.DataFrame:
     """Sudden gains and losses through :func:`sudden_gains` (one shared implementation).
 
     Scores are placed by ``session_number`` when every administration of the group has a
     distinct one (so a missing session leaves a gap), else by administration order.
     """
+    n_groups = starts.size
     if n_groups == 0:
         return pd.DataFrame(columns=SUDDEN_COLUMNS)
     col = a["k"].to_numpy() - 1
     if "session_number" in a.columns:
         sn = a["session_number"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-        starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])  # rows are grouped
         has_all = np.logical_and.reduceat(~np.isnan(sn), starts)[gid]
         dup = pd.DataFrame({"gid": gid, "sn": sn}).duplicated(["gid", "sn"]).to_numpy()
         any_dup = np.logical_or.reduceat(dup, starts)[gid]

@@ -20,18 +20,7 @@ import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
-__all__ = ["grouped_trend", "grouped_median", "theil_sen"]
-
-
-def grouped_median(gid: npt.NDArray[np.int64], values: npt.NDArray[np.float64],
-                   n_groups: int) -> npt.NDArray[np.float64]:
-    """Median of ``values`` per group code (NaN for empty groups)."""
-    out = np.full(n_groups, np.nan)
-    if values.size == 0:
-        return out
-    med = pd.Series(values).groupby(gid).median()
-    out[med.index.to_numpy()] = med.to_numpy()
-    return out
+__all__ = ["grouped_trend", "theil_sen"]
 
 
 def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],

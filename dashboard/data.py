@@ -7,15 +7,17 @@ flags, goal status and curves come from ``ontrack compute``; service rates from
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from flask import current_app
@@ -27,7 +29,9 @@ from dashboard.access import (
     may_see_clients,
     may_see_service,
 )
+from dashboard.grid_query import GridColumn, grid_order, grid_where
 from pipeline.config import Settings
+from pipeline.errors import UsageError
 from pipeline.export import export_dataset, zip_export
 from pipeline.scales import Registry
 from pipeline.stats.service import METRICS, rates_from_counts
@@ -37,7 +41,6 @@ from pipeline.store import (
     batches,
     clients,
     compute_runs,
-    episode_service,
     episodes,
     expected_curves,
     exports_log,
@@ -48,6 +51,7 @@ from pipeline.store import (
     quarantine,
     read_frame,
     reviews,
+    service_cells,
     sudden_changes,
     therapists,
     utcnow,
@@ -59,6 +63,61 @@ from pipeline.store import (
 __all__ = ["DataAccess", "get_data"]
 
 SEVERITY_ORDER = {"urgent": 0, "review": 1, "info": 2}
+MAX_BLOCK = 500  # rows per caseload block request
+
+
+def _open_flag_counts(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """Open flags per episode: counts by severity and whether a risk item is among them
+    (read from the partial index of open flags)."""
+    return sa.select(
+        flags.c.episode_id,
+        *[sa.func.sum(sa.case((flags.c.severity == s, 1), else_=0)).label(s)
+          for s in SEVERITY_ORDER],
+        sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"),
+    # A literal, not a bound parameter: SQLite uses a partial index only when the
+    # query's condition matches the index's own.
+    ).where((flags.c.state == sa.literal_column("'open'")) & where) \
+        .group_by(flags.c.episode_id)
+
+
+def _grid_columns(fa: sa.Subquery, day: date) -> dict[str, GridColumn]:
+    """The caseload grid's sortable and filterable columns, by AG Grid column id."""
+    def weeks(op: str, value: float) -> sa.ColumnElement[bool]:
+        # weeks = whole weeks since the start date (floor), compared on the date itself.
+        def started_by(w: int) -> date:  # latest start date with at least ``w`` weeks
+            return day - timedelta(days=7 * w)
+        lo = {"ge": math.ceil(value), "gt": math.floor(value) + 1}.get(op)
+        hi = {"le": math.floor(value), "lt": math.ceil(value) - 1}.get(op)
+        if op == "eq":
+            if value != int(value):
+                return sa.false()
+            lo = hi = int(value)
+        parts = []
+        if lo is not None:
+            parts.append(episodes.c.start_date <= started_by(lo))
+        if hi is not None:
+            parts.append(episodes.c.start_date > started_by(hi + 1))
+        return sa.and_(*parts)
+
+    n = {s: sa.func.coalesce(fa.c[s], 0) for s in (*SEVERITY_ORDER, "risk")}
+    text = {"team": episodes.c.team, "therapist_id": episodes.c.therapist_id,
+            "therapist": therapists.c.name,
+            "client_link": sa.func.trim(sa.func.coalesce(clients.c.given_name, "") + " " +
+                                        sa.func.coalesce(clients.c.family_name, "")),
+            "dep_trend_label": caseload_table.c.dep_trend,
+            "anx_trend_label": caseload_table.c.anx_trend,
+            "goal_status": caseload_table.c.goal_status,
+            "risk_label": sa.case((n["risk"] > 0, "RISK"), else_="")}
+    numbers = {"dep_latest": caseload_table.c.dep_latest,
+               "dep_change": caseload_table.c.dep_change,
+               "anx_latest": caseload_table.c.anx_latest,
+               "anx_change": caseload_table.c.anx_change,
+               **{f"flags_{s}": n[s] for s in SEVERITY_ORDER}}
+    cols = {k: GridColumn(v) for k, v in text.items()}
+    cols.update({k: GridColumn(v, "number") for k, v in numbers.items()})
+    cols["weeks"] = GridColumn(episodes.c.start_date, "number", compare=weeks,
+                               descending_expr=True)
+    return cols
 
 
 def _ts(values: pd.Series) -> pd.Series:
@@ -109,35 +168,97 @@ class DataAccess:
 
     # ------------------------------------------------------------------ caseload
     def options(self, viewer: Viewer) -> dict[str, list[str]]:
-        """Teams and therapists the viewer may filter by."""
+        """Teams and therapists of the open episodes the viewer may see (the caseload's
+        filters)."""
         with self.store.snapshot() as conn:
             ep = _frame(conn, sa.select(episodes.c.team, episodes.c.therapist_id)
-                        .where(episode_clause(viewer)).distinct())
+                        .where(episode_clause(viewer) & episodes.c.end_date.is_(None))
+                        .distinct())
         return {"teams": sorted(ep["team"].dropna().unique().tolist()),
                 "therapists": sorted(ep["therapist_id"].dropna().unique().tolist())}
 
     def caseload(self, viewer: Viewer, team: str | None = None,
                  therapist: str | None = None, today: datetime | None = None
                  ) -> pd.DataFrame:
-        """Open episodes the viewer may see, one row each, most urgent first."""
-        if not may_see_clients(viewer):
-            return pd.DataFrame()
-        today = today or utcnow()
-        key = ("caseload", viewer.role, viewer.therapist_id, team, therapist, today.date())
-        frame: pd.DataFrame = self._cached(
-            key, lambda: self._caseload(viewer, team, therapist, today))
-        return frame.copy()
+        """Every open episode the viewer may see, one row each, most urgent first.
 
-    def _caseload(self, viewer: Viewer, team: str | None, therapist: str | None,
-                  today: datetime) -> pd.DataFrame:
+        For small scopes and tests; the grid reads :meth:`caseload_page` instead.
+        """
+        model = {k: {"filterType": "text", "type": "equals", "filter": v}
+                 for k, v in (("team", team), ("therapist_id", therapist)) if v}
+        order = self.caseload_order(viewer, None, model, today)
+        parts = [self._caseload_rows(viewer, order[i:i + 900], today or utcnow())
+                 for i in range(0, len(order), 900)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    def caseload_page(self, viewer: Viewer, start: int, end: int, sort_model: Any = None,
+                      filter_model: Any = None, today: datetime | None = None
+                      ) -> tuple[pd.DataFrame, int]:
+        """Rows ``start:end`` of the viewer's caseload as sorted and filtered, and the
+        number of rows in all (AG Grid's infinite row model asks for one block at a
+        time). Bad models raise :class:`~pipeline.errors.UsageError`."""
+        if not may_see_clients(viewer):
+            return pd.DataFrame(), 0
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+                and end - start <= MAX_BLOCK):
+            raise UsageError("a block is 0 <= start <= end, at most 500 rows",
+                             start=start, end=end)
+        order = self._order(viewer, sort_model, filter_model, today)
+        return (self._caseload_rows(viewer, order[start:end].tolist(), today or utcnow()),
+                len(order))
+
+    def caseload_order(self, viewer: Viewer, sort_model: Any, filter_model: Any,
+                       today: datetime | None = None) -> list[str]:
+        """Ids of the viewer's open episodes, filtered and in grid order (cached).
+
+        Without a sort model: an endorsed risk item first, then urgent and review flag
+        counts, then the longest in treatment; the episode id breaks ties, so blocks
+        never overlap or skip a row.
+        """
+        if not may_see_clients(viewer):
+            return []
+        ids: list[str] = self._order(viewer, sort_model, filter_model, today).tolist()
+        return ids
+
+    def _order(self, viewer: Viewer, sort_model: Any, filter_model: Any,
+               today: datetime | None) -> Any:
+        day = (today or utcnow()).date()
+        key = ("caseload-order", viewer.role, viewer.therapist_id,
+               json.dumps(sort_model, sort_keys=True, default=str),
+               json.dumps(filter_model, sort_keys=True, default=str), day)
+        # Kept as one Arrow string array (under 1 MB for 69k ids, not 5 MB of objects):
+        # the cache may hold many sort and filter variants.
+        return self._cached(key, lambda: pd.array(
+            self._caseload_order(viewer, sort_model, filter_model, day), dtype="str"))
+
+    def _caseload_order(self, viewer: Viewer, sort_model: Any, filter_model: Any,
+                        day: date) -> list[str]:
         cond = episode_clause(viewer) & episodes.c.end_date.is_(None)
-        if team:
-            cond &= episodes.c.team == team
-        if therapist:
-            cond &= episodes.c.therapist_id == therapist
-        # IN (subquery) lets the database drive from the few visible open episodes
-        # through each table's episode index.
-        visible = sa.select(episodes.c.episode_id).where(cond).scalar_subquery()
+        visible = sa.select(episodes.c.episode_id).where(cond)
+        fa = _open_flag_counts(flags.c.episode_id.in_(visible)).subquery("fa")
+        cols = _grid_columns(fa, day)
+        where = grid_where(filter_model, cols)  # validated before any query runs
+        order = grid_order(sort_model, cols)
+        default = [cols["risk_label"].expr.desc(), cols["flags_urgent"].expr.desc(),
+                   cols["flags_review"].expr.desc(), episodes.c.start_date.asc()]
+        # LEFT JOINs on unique keys: the database drops the ones no term uses.
+        joined = (episodes.outerjoin(fa, fa.c.episode_id == episodes.c.episode_id)
+                  .outerjoin(clients, clients.c.client_id == episodes.c.client_id)
+                  .outerjoin(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
+                  .outerjoin(caseload_table,
+                             caseload_table.c.episode_id == episodes.c.episode_id))
+        query = (sa.select(episodes.c.episode_id).select_from(joined).where(cond, *where)
+                 .order_by(*order, *default, episodes.c.episode_id))
+        with self.store.snapshot() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def _caseload_rows(self, viewer: Viewer, ids: list[str], today: datetime
+                       ) -> pd.DataFrame:
+        """The grid's columns for these episodes, in this order (visibility re-checked)."""
+        if not ids:
+            return pd.DataFrame()
+        cond = episode_clause(viewer) & episodes.c.end_date.is_(None) \
+            & episodes.c.episode_id.in_(ids)
         with self.store.snapshot() as conn:
             out = _frame(conn, sa.select(
                 episodes.c.episode_id, episodes.c.team, episodes.c.therapist_id,
@@ -149,16 +270,12 @@ class DataAccess:
                 .outerjoin(caseload_table, caseload_table.c.episode_id == episodes.c.episode_id)
                 .where(cond), raw=True)
             # Flags and reviews are read live: a review or a risk answer changes them
-            # between computes. Counted in SQL: one row per episode x severity.
-            fl = _frame(conn, sa.select(
-                flags.c.episode_id, flags.c.severity, sa.func.count().label("n"),
-                sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"))
-                .where(flags.c.episode_id.in_(visible) & (flags.c.state == "open"))
-                .group_by(flags.c.episode_id, flags.c.severity), raw=True)
+            # between computes.
+            fl = _frame(conn, _open_flag_counts(flags.c.episode_id.in_(ids)), raw=True)
             rv = _frame(conn, sa.select(
                 reviews.c.episode_id, sa.func.max(reviews.c.reviewed_at).label("reviewed_at"),
                 sa.func.max(reviews.c.review_id).label("review_id"))
-                .where(reviews.c.episode_id.in_(visible)).group_by(reviews.c.episode_id))
+                .where(reviews.c.episode_id.in_(ids)).group_by(reviews.c.episode_id))
             nxt = _frame(conn, sa.select(reviews.c.review_id, reviews.c.next_review).where(
                 reviews.c.review_id.in_(rv["review_id"].astype(int).tolist()))) \
                 if not rv.empty else pd.DataFrame(columns=["review_id", "next_review"])
@@ -166,20 +283,17 @@ class DataAccess:
                          out["family_name"].fillna("")).str.strip()
         out["weeks"] = ((pd.Timestamp(today) - _ts(out["start_date"])).dt.days // 7) \
             .astype("Int64")
-        counts = fl.pivot_table(index="episode_id", columns="severity", values="n",
-                                aggfunc="sum", fill_value=0)
+        fl = fl.set_index("episode_id")
         for sev in ("urgent", "review", "info"):
-            out[f"flags_{sev}"] = out["episode_id"].map(
-                counts[sev] if sev in counts else pd.Series(dtype="int64")).fillna(0) \
-                .astype(int)
-        out["risk"] = out["episode_id"].isin(set(fl.loc[fl["risk"] == 1, "episode_id"]))
+            out[f"flags_{sev}"] = out["episode_id"].map(fl[sev]).fillna(0).astype(int)
+        out["risk"] = out["episode_id"].map(fl["risk"]).fillna(0).astype(int) > 0
         rv = rv.merge(nxt, on="review_id", how="left").set_index("episode_id")
         base = _ts(out["episode_id"].map(rv["reviewed_at"])).fillna(_ts(out["start_date"]))
         due = _ts(out["episode_id"].map(rv["next_review"])).fillna(
             base + pd.Timedelta(weeks=self.settings.review_overdue_weeks))
         out["next_review"] = due.dt.strftime("%Y-%m-%d")
-        out = out.sort_values(["risk", "flags_urgent", "flags_review", "weeks"],
-                              ascending=[False, False, False, False], kind="stable")
+        position = {e: i for i, e in enumerate(ids)}
+        out = out.iloc[np.argsort(out["episode_id"].map(position).to_numpy(), kind="stable")]
         return out.drop(columns=["given_name", "family_name"]).reset_index(drop=True)
 
     # ------------------------------------------------------------------ client
@@ -246,16 +360,14 @@ class DataAccess:
         return result
 
     def _service(self) -> dict[str, pd.DataFrame]:
-        es = episode_service
         cols = ["finished", "at_caseness", *METRICS]
         with self.store.snapshot() as conn:
-            # Per-episode SPEC §5 flags are written by compute; here they are only summed.
-            # Summed in SQL down to team x therapist x month x finished cells.
-            keys = [es.c.team, es.c.therapist_id, es.c.end_month]
+            # Per-episode SPEC §5 flags are written and summed to cells by compute
+            # (team x therapist x month x finished); here the cells are only added up.
             ep = _frame(conn, sa.select(
-                es.c.team, es.c.therapist_id, es.c.end_month.label("month"),
-                *[sa.func.sum(es.c[c]).label(c) for c in cols])
-                .group_by(*keys, es.c.finished), raw=True)
+                service_cells.c.team, service_cells.c.therapist_id,
+                service_cells.c.end_month.label("month"), *[service_cells.c[c] for c in cols]),
+                raw=True)
         ep[cols] = ep[cols].astype("int64")
         out: dict[str, pd.DataFrame] = {}
         total = ep[cols].sum().to_frame().T.rename(columns={"finished": "finished_episodes"})
@@ -303,11 +415,13 @@ class DataAccess:
                 .order_by(job_runs.c.run_id.desc()).limit(20))
             missing = _frame(conn, sa.select(flags.c.episode_id, flags.c.message).where(
                 (flags.c.kind == "missing_measures") & (flags.c.state == "open")))
-            es = episode_service
+            sc = service_cells
             comp = _frame(conn, sa.select(
-                es.c.team, sa.func.count().label("ended"),
-                sa.func.sum(es.c.finished).label("with_paired_scores"))
-                .where(es.c.end_month.is_not(None)).group_by(es.c.team).order_by(es.c.team))
+                sc.c.team, sa.func.sum(sc.c.episodes).label("ended"),
+                sa.func.sum(sc.c.finished).label("with_paired_scores"))
+                .where(sc.c.end_month.is_not(None)).group_by(sc.c.team).order_by(sc.c.team))
+        comp[["ended", "with_paired_scores"]] = comp[["ended", "with_paired_scores"]] \
+            .astype("int64")
         comp["completeness"] = comp["with_paired_scores"] / comp["ended"]
         cycles["files"] = [len(json.loads(f or "[]")) for f in cycles["files"]]
         return {"batches": bt, "quarantine": q, "completeness": comp, "runs": runs,

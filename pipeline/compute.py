@@ -27,6 +27,7 @@ from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.outcomes import Reference, episode_outcomes
 from pipeline.stats.reference import partials, reference_from_partials
 from pipeline.store import (
+    SERVICE_COUNTS,
     Store,
     administrations,
     batches,
@@ -39,6 +40,7 @@ from pipeline.store import (
     outcomes,
     read_frame,
     reference_norms,
+    refresh_service_cells,
     reviews,
     stored_frame,
     sudden_changes,
@@ -50,8 +52,6 @@ from pipeline.store import goal_status as goal_status_table
 
 __all__ = ["ComputeReport", "build_reference", "compute"]
 
-_SERVICE_FLAGS = ["finished", "at_caseness", "recovered", "reliably_improved",
-                  "reliably_deteriorated", "reliably_recovered"]
 _ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score",
                "risk", "risk_value"]
 
@@ -333,7 +333,8 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
         _replace(conn, episode_service_table,
-                 svc.astype({c: "int64" for c in _SERVICE_FLAGS}), scope, run_id)
+                 svc.astype({c: "int64" for c in SERVICE_COUNTS}), scope, run_id)
+        refresh_service_cells(conn)
         timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(

@@ -24,6 +24,9 @@ from pipeline.errors import StoreError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SERVICE_COUNTS",
+    "refresh_service_cells",
+    "service_cells",
     "read_frame",
     "to_records",
     "Store",
@@ -72,6 +75,11 @@ episodes = sa.Table(
     sa.Column("end_date", sa.Date),
     sa.Column("end_reason", sa.String(50)),
     sa.Column("batch_id", sa.Integer),
+    # The caseload lists open episodes only: a partial index holding what it sorts and
+    # filters on first reads just those.
+    sa.Index("ix_episodes_open", "episode_id", "start_date", "therapist_id", "team",
+             sqlite_where=sa.text("end_date IS NULL"),
+             postgresql_where=sa.text("end_date IS NULL")),
 )
 
 plans = sa.Table(
@@ -244,6 +252,13 @@ flags = sa.Table(
     sa.Column("resolved_at", sa.DateTime),
     sa.UniqueConstraint("episode_id", "measure", "kind", "key", name="uq_flag"),
     sa.Index("ix_flags_kind_state", "kind", "state"),
+    # Open-flag counts per episode (caseload ordering) come from this index alone.
+    sa.Index("ix_flags_open", "episode_id", "severity", "kind",
+             sqlite_where=sa.text("state = 'open'"), postgresql_where=sa.text("state = 'open'")),
+    # Time to review reads the few acknowledged flags, not the whole table.
+    sa.Index("ix_flags_acknowledged", "acknowledged_at",
+             sqlite_where=sa.text("acknowledged_at IS NOT NULL"),
+             postgresql_where=sa.text("acknowledged_at IS NOT NULL")),
 )
 
 reviews = sa.Table(
@@ -292,6 +307,10 @@ caseload = sa.Table(
     sa.Column("run_id", sa.Integer, nullable=False),
 )
 
+#: Per-episode SPEC §5 indicators (0/1) behind the service outcomes.
+SERVICE_COUNTS = ("finished", "at_caseness", "recovered", "reliably_improved",
+                  "reliably_deteriorated", "reliably_recovered")
+
 episode_service = sa.Table(
     "episode_service", metadata,
     # Per episode, written by compute: the SPEC §5 flags behind the service outcomes.
@@ -299,11 +318,35 @@ episode_service = sa.Table(
     sa.Column("team", sa.String(200)),
     sa.Column("therapist_id", sa.String(200), index=True),
     sa.Column("end_month", sa.String(7)),
-    *[sa.Column(c, sa.Integer, nullable=False) for c in (
-        "finished", "at_caseness", "recovered", "reliably_improved",
-        "reliably_deteriorated", "reliably_recovered")],
+    *[sa.Column(c, sa.Integer, nullable=False) for c in SERVICE_COUNTS],
     sa.Column("run_id", sa.Integer, nullable=False),
 )
+
+#: The service page's cells, summed by compute from :data:`episode_service` down to
+#: team x therapist x month-of-end x finished cells (tens of thousands of rows at 10M
+#: administrations instead of one row per episode).
+service_cells = sa.Table(
+    "service_cells", metadata,
+    sa.Column("cell_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("team", sa.String(200)),
+    sa.Column("therapist_id", sa.String(200)),
+    sa.Column("end_month", sa.String(7)),
+    sa.Column("episodes", sa.Integer, nullable=False),
+    *[sa.Column(c, sa.Integer, nullable=False) for c in SERVICE_COUNTS],
+)
+
+
+def refresh_service_cells(conn: Connection) -> None:
+    """Re-sum :data:`service_cells` from :data:`episode_service`, in the database."""
+    es = episode_service
+    conn.execute(service_cells.delete())
+    conn.execute(service_cells.insert().from_select(
+        ["team", "therapist_id", "end_month", "episodes", *SERVICE_COUNTS],
+        # Grouped by ``finished`` too, so a cell is either all finished or none.
+        sa.select(es.c.team, es.c.therapist_id, es.c.end_month,
+                  sa.func.count(), *[sa.func.sum(es.c[c]) for c in SERVICE_COUNTS])
+        .group_by(es.c.team, es.c.therapist_id, es.c.end_month, es.c.finished)))
+
 
 job_runs = sa.Table(
     "job_runs", metadata,
@@ -439,6 +482,7 @@ class Store:
         try:
             metadata.create_all(self.engine)
             with self.engine.begin() as conn:
+                self._upgrade(conn)
                 versions = [r[0] for r in conn.execute(sa.select(schema_info.c.version))]
                 if not versions:
                     conn.execute(schema_info.insert().values(version=SCHEMA_VERSION,
@@ -451,6 +495,20 @@ class Store:
                 f"store schema version {max(versions)} is not {SCHEMA_VERSION}",
                 url=self.safe_url, fix="run the matching OnTrack version or migrate")
         return SCHEMA_VERSION
+
+    @staticmethod
+    def _upgrade(conn: Connection) -> None:
+        """Additive upgrades within schema version 1, idempotent.
+
+        ``create_all`` adds missing tables but not indexes added later to existing
+        tables; derived tables added later are filled from what compute wrote.
+        """
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+        empty = conn.execute(sa.select(service_cells.c.cell_id).limit(1)).first() is None
+        if empty and conn.execute(sa.select(episode_service.c.episode_id).limit(1)).first():
+            refresh_service_cells(conn)
 
     @property
     def safe_url(self) -> str:

@@ -136,13 +136,16 @@ def test_crafted_review_callback_for_foreign_episode_is_refused(env: dict[str, A
 def test_crafted_caseload_filter_for_foreign_therapist_returns_nothing(
         env: dict[str, Any]) -> None:
     c = client_for(env, "therapist")
-    out = [("caseload-grid", "rowData"), ("caseload-count", "children")]
-    r = _callback(c, out, [{"id": "caseload-team", "property": "value", "value": None},
-                           {"id": "caseload-therapist", "property": "value",
-                            "value": env["tids"]["other"]}], [])
+    out = [("caseload-grid", "getRowsResponse"), ("caseload-count", "children")]
+    request = {"startRow": 0, "endRow": 100, "sortModel": [], "filterModel": {
+        "therapist_id": {"filterType": "text", "type": "equals",
+                         "filter": env["tids"]["other"]}}}
+    r = _callback(c, out, [{"id": "caseload-grid", "property": "getRowsRequest",
+                            "value": request}], [])
     assert r.status_code == 200
     body = r.get_json()
-    assert body["response"]["caseload-grid"]["rowData"] == []
+    assert body["response"]["caseload-grid"]["getRowsResponse"] == {"rowData": [],
+                                                                    "rowCount": 0}
 
 
 def test_researcher_sees_no_quarantine_records(env: dict[str, Any]) -> None:

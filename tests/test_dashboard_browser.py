@@ -10,10 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import sqlalchemy as sa
 from playwright.sync_api import Page, sync_playwright
 from werkzeug.serving import make_server
 
+from pipeline.store import caseload, episodes, utcnow
 from tests.dashboard_helpers import PASSWORDS, episode_of
 
 CHROMIUM = "/usr/bin/chromium"
@@ -131,6 +134,41 @@ def test_director_pages(server: dict[str, Any], browser: Any) -> None:
     page.goto(f"{url}/quality")
     page.wait_for_selector("#quality-records .ag-center-cols-container .ag-row", timeout=15000)
     shot(page, "director-quality")
+    assert errors == [], errors
+
+
+def test_director_sorts_and_filters_the_caseload_on_the_server(
+        server: dict[str, Any], browser: Any) -> None:
+    """The grid pages on the server: a header click and a column filter made in the
+    browser reach the database as AG Grid's own sort and filter models."""
+    with server["store"].engine.connect() as conn:
+        open_eps = pd.DataFrame(conn.execute(sa.select(
+            episodes.c.start_date, caseload.c.dep_latest)
+            .join(caseload, caseload.c.episode_id == episodes.c.episode_id, isouter=True)
+            .where(episodes.c.end_date.is_(None))).all())
+    weeks = [(utcnow().date() - d).days // 7 for d in open_eps["start_date"]]
+    page, errors = login(browser, server["url"], "director")
+    page.wait_for_selector(".ag-center-cols-container .ag-row", timeout=15000)
+    first = ".ag-center-cols-container .ag-row[row-index='0'] [col-id='{}']"
+    header = ".ag-header-cell[col-id='dep_latest'] .ag-header-cell-label"
+    page.click(header)  # ascending
+    page.click(header)  # descending
+    top = str(int(open_eps["dep_latest"].max()))
+    page.wait_for_function(
+        f"document.querySelector({first.format('dep_latest')!r})?.innerText == {top!r}",
+        timeout=15000)
+    shot(page, "director-caseload-sorted")
+    # Weeks equal to the most common value, typed into the column's own filter.
+    target = max(set(weeks), key=weeks.count)
+    page.click(".ag-header-cell[col-id='weeks'] .ag-header-cell-filter-button")
+    page.fill(".ag-filter-body input", str(target))
+    want = f"{weeks.count(target):,} open episode"
+    page.wait_for_function(
+        f"document.querySelector('#caseload-count').innerText.startsWith({want!r})",
+        timeout=15000)
+    assert "match the filters" in page.inner_text("#caseload-count")
+    assert page.inner_text(first.format("weeks")) == str(target)
+    shot(page, "director-caseload-weeks-filter")
     assert errors == [], errors
 
 

@@ -199,8 +199,9 @@ def test_a_session_ends_at_logout(env: dict[str, Any]) -> None:
 
 #: Every callback of the app -> the test that feeds it crafted payloads.
 CALLBACK_TESTS = {
-    "..caseload-grid.rowData...caseload-count.children..":
+    "..caseload-grid.getRowsResponse...caseload-count.children..":
         "test_idor_caseload_filter",
+    "caseload-grid.filterModel": "test_caseload_dropdowns_only_build_a_filter",
     "..client-review-result.children...client-flags.children...client-reviews.children..":
         "test_idor_review_form",
     "..export-summary.children...export-download.data...export-log.children..":
@@ -224,11 +225,23 @@ def _rows(r: Any, ident: str, prop: str = "rowData") -> Any:
     return r.get_json()["response"][ident][prop]
 
 
-def _caseload(c: Any, team: Any, therapist: Any) -> Any:
-    return _callback(c, [("caseload-grid", "rowData"), ("caseload-count", "children")],
-                     [{"id": "caseload-team", "property": "value", "value": team},
-                      {"id": "caseload-therapist", "property": "value", "value": therapist}],
+def _caseload(c: Any, filter_model: Any = None, request: Any = None) -> Any:
+    """One block request of the caseload grid (AG Grid's infinite row model)."""
+    if request is None:
+        request = {"startRow": 0, "endRow": 100, "sortModel": [],
+                   "filterModel": filter_model or {}}
+    return _callback(c, [("caseload-grid", "getRowsResponse"), ("caseload-count", "children")],
+                     [{"id": "caseload-grid", "property": "getRowsRequest", "value": request}],
                      [])
+
+
+def _grid_rows(r: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _rows(r, "caseload-grid", "getRowsResponse")["rowData"]
+    return rows
+
+
+def _equals(col: str, value: Any) -> dict[str, Any]:
+    return {col: {"filterType": "text", "type": "equals", "filter": value}}
 
 
 def test_idor_caseload_filter(env: dict[str, Any], secrets_: dict[str, Any]) -> None:
@@ -236,18 +249,52 @@ def test_idor_caseload_filter(env: dict[str, Any], secrets_: dict[str, Any]) -> 
     with env["store"].engine.connect() as conn:
         teams = conn.execute(sa.select(episodes.c.team).distinct()).scalars().all()
     c = client_for(env, "therapist")
-    assert _rows(_caseload(c, None, other_tid), "caseload-grid") == []
+    mine = _grid_rows(_caseload(c))
+    assert mine and {row["therapist_id"] for row in mine} == {own_tid}
+    assert _grid_rows(_caseload(c, _equals("therapist_id", other_tid))) == []
     for team in teams:  # any team filter: still only their own episodes
-        r = _caseload(c, team, None)
-        assert {row["therapist_id"] for row in _rows(r, "caseload-grid")} <= {own_tid}
+        r = _caseload(c, _equals("team", team))
+        assert {row["therapist_id"] for row in _grid_rows(r)} <= {own_tid}
         assert secrets_["foreign"] not in r.get_data(as_text=True)
-    for crafted in ([other_tid], {"$ne": None}, f"{other_tid}' OR '1'='1", 7):
-        r = _caseload(c, None, crafted)
-        assert _rows(r, "caseload-grid") == [], crafted
-    assert _rows(_caseload(c, [own_tid, other_tid], None), "caseload-grid") == []
-    assert _rows(_caseload(client_for(env, "researcher"), None, None), "caseload-grid") == []
+    crafted_models = [
+        {"therapist_id": {"filterType": "text", "type": "notEqual", "filter": own_tid}},
+        _equals("therapist_id", [other_tid]), _equals("therapist_id", {"$ne": None}),
+        _equals("therapist_id", f"{other_tid}' OR '1'='1"), _equals("therapist_id", 7),
+        _equals("episodes.therapist_id", other_tid), {"therapist_id": "x"}, ["x"], "x",
+    ]
+    for crafted in crafted_models:
+        r = _caseload(c, crafted)
+        assert _grid_rows(r) == [], crafted
+        assert secrets_["foreign"] not in r.get_data(as_text=True)
+    for request in (["x"], "x", 7, {"startRow": "0", "endRow": 10},
+                    {"startRow": 0, "endRow": 10 ** 6},
+                    {"startRow": 0, "endRow": 10, "sortModel": "therapist_id; DROP"}):
+        r = _caseload(c, request=request)
+        assert _grid_rows(r) == [], request
+    assert _grid_rows(_caseload(client_for(env, "researcher"))) == []
     # Positive control: the director's same filter does return the other therapist's rows.
-    assert _rows(_caseload(client_for(env, "director"), None, other_tid), "caseload-grid")
+    assert _grid_rows(_caseload(client_for(env, "director"),
+                                _equals("therapist_id", other_tid)))
+
+
+def test_caseload_dropdowns_only_build_a_filter(env: dict[str, Any],
+                                                secrets_: dict[str, Any]) -> None:
+    """The drop-downs' callback reads no data: it turns strings into grid filters,
+    keeps the column filters already set, and drops anything else."""
+    def model(team: Any, therapist: Any, current: Any) -> Any:
+        r = _callback(client_for(env, "therapist"), [("caseload-grid", "filterModel")],
+                      [{"id": "caseload-team", "property": "value", "value": team},
+                       {"id": "caseload-therapist", "property": "value", "value": therapist}],
+                      [{"id": "caseload-grid", "property": "filterModel", "value": current}])
+        assert secrets_["foreign"] not in r.get_data(as_text=True)
+        return _rows(r, "caseload-grid", "filterModel")
+
+    weeks = {"weeks": {"filterType": "number", "type": "greaterThan", "filter": 3}}
+    assert model("North", None, weeks) == {**weeks, **_equals("team", "North")}
+    assert model(None, "T1", None) == _equals("therapist_id", "T1")
+    assert model(None, None, {**weeks, **_equals("team", "North")}) == weeks
+    for crafted in (["North"], {"$ne": None}, 7, ""):
+        assert model(crafted, crafted, "x") == {}
 
 
 def _review(c: Any, episode: Any) -> Any:
@@ -653,10 +700,10 @@ def test_an_error_in_a_callback_returns_a_generic_error(env: dict[str, Any],
     def boom(*_: Any, **__: Any) -> Any:
         raise _db_error(own)
 
-    monkeypatch.setattr(data, "caseload", boom)
+    monkeypatch.setattr(data, "caseload_page", boom)
     monkeypatch.setattr(data, "episode", boom)
     c = client_for(env, "therapist")
-    _generic(_caseload(c, None, None), secrets_, own)
+    _generic(_caseload(c), secrets_, own)
     _generic(_callback(c, [("_pages_content", "children"), ("_pages_store", "data")],
                        [{"id": "_pages_location", "property": "pathname",
                          "value": f"/client/{own}"},

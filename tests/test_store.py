@@ -291,3 +291,42 @@ def test_a_plan_straddling_chunks_keeps_every_goal(indir: Path, entities: list[P
     extra = write_csv(more / "plans.csv", PLAN_HEADER, [_goal("E1", "G4")])
     rep3 = ingest([extra], store, settings, registry)
     assert (rep3.files[0].accepted, rep3.files[0].quarantined) == (0, 1)  # a revision
+
+
+def test_init_adds_later_indexes_and_fills_the_service_cells(store: Store,
+                                                            registry: Registry) -> None:
+    """A store made before the caseload/service indexes and cells gets them at init, and
+    the cells are the per-episode SPEC §5 indicators summed (checked with pandas)."""
+    from pipeline.compute import compute
+    from pipeline.ingest.batch import ingest_paths
+    from pipeline.store import service_cells
+
+    settings = Settings()
+    ingest_paths([SAMPLE_INPUT], store, settings, registry)
+    compute(store, settings, registry)
+    later = {"ix_episodes_open", "ix_flags_open", "ix_flags_acknowledged"}
+    with store.engine.begin() as conn:
+        for name in later:
+            conn.execute(sa.text(f"DROP INDEX {name}"))
+        conn.execute(service_cells.delete())
+    store.init()
+    names = {ix["name"] for table in ("episodes", "flags")
+             for ix in sa.inspect(store.engine).get_indexes(table)}
+    assert later <= names
+    es, cells = store.read_table("episode_service"), store.read_table("service_cells")
+    keys = ["team", "therapist_id", "end_month", "finished"]
+    want = es.fillna({"end_month": "-"}).groupby(keys).agg(
+        episodes=("episode_id", "size"), at_caseness=("at_caseness", "sum"),
+        recovered=("recovered", "sum")).reset_index()
+    got = cells.fillna({"end_month": "-"}).astype({"finished": bool})
+    want["finished"] = want["finished"].astype(bool)
+    cols = [*keys, "episodes", "at_caseness", "recovered"]
+    assert len(es) > 20 and len(cells) == len(want)
+    pd.testing.assert_frame_equal(
+        got[cols].sort_values(keys).reset_index(drop=True).astype({"episodes": "int64",
+                                                                   "at_caseness": "int64",
+                                                                   "recovered": "int64"}),
+        want[cols].sort_values(keys).reset_index(drop=True).astype({"episodes": "int64",
+                                                                    "at_caseness": "int64",
+                                                                    "recovered": "int64"}))
+    assert int(cells["episodes"].sum()) == len(es)

@@ -12,9 +12,12 @@ Run: ``.venv/bin/python benchmarks/bench_dashboard.py [--episodes N] [--repeat 5
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -26,6 +29,38 @@ from pipeline.ingest.batch import ingest_paths
 from pipeline.scales import load_registry
 from pipeline.store import Store, episodes
 from pipeline.synth import SynthConfig, write_sample
+
+
+def _http_block(store: Store, settings: Settings, data: DataAccess) -> Any:
+    """The whole grid callback through Flask and Dash (signed in, JSON out)."""
+    from dashboard.app import create_app
+    from pipeline.errors import UsageError
+    from pipeline.users import add_user
+
+    password = "bench-director-password"
+    try:
+        add_user(store, "bench-director", password, "director")
+    except (UsageError, sa.exc.IntegrityError):
+        pass  # made by an earlier run
+    app = create_app(replace(settings, secret_key="bench-secret-key-" + "x" * 32), store)
+    app.server.config["ONTRACK_DATA"] = data  # one cache, cleared by the timing loop
+    c = app.server.test_client()
+    token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").get_data(as_text=True))
+    c.post("/login", data={"username": "bench-director", "password": password,
+                           "csrf": token.group(1) if token else "", "next": "/"})
+    request = {"startRow": 0, "endRow": 100, "sortModel": [], "filterModel": {}}
+    body = {"output": "..caseload-grid.getRowsResponse...caseload-count.children..",
+            "outputs": [{"id": "caseload-grid", "property": "getRowsResponse"},
+                        {"id": "caseload-count", "property": "children"}],
+            "inputs": [{"id": "caseload-grid", "property": "getRowsRequest",
+                        "value": request}],
+            "changedPropIds": ["caseload-grid.getRowsRequest"], "state": []}
+
+    def call() -> None:
+        r = c.post("/_dash-update-component", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"callback failed: {r.status_code}")
+    return call
 
 
 def main() -> None:
@@ -71,6 +106,7 @@ def main() -> None:
         "service outcomes": lambda: data.service(director),
     }
     print(f"store: {n_all:,} episodes, {n_open:,} open")
+    cases["HTTP: caseload block callback (director)"] = _http_block(store, settings, data)
     for name, fn in cases.items():
         for label, clear in (("cold (cache empty)", True), ("warm (cached)", False)):
             times = []

@@ -1,7 +1,10 @@
 """``ontrack compute``: read the store, run the statistics, write the outcome tables.
 
 Incremental by default: only episodes with administrations or episode records from
-batches newer than the last run's watermark are recomputed. The *reference* (baseline
+batches newer than the last run's watermark are recomputed; their flags and goal status
+are re-evaluated with those of the open episodes whose date-based rules (review due,
+no recent score, goal due date) crossed a boundary since the last run's clock, or that
+got a plan review or a new plan. The *reference* (baseline
 SD per measure for the RCI, expected recovery curves) is a whole-store statistic: a full
 compute rebuilds it, an incremental run uses the stored one, so an incremental run gives
 the same outcomes as a full compute that keeps the reference (``keep_reference=True``).
@@ -9,6 +12,8 @@ the same outcomes as a full compute that keeps the reference (``keep_reference=T
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +43,7 @@ from pipeline.store import (
     expected_curves,
     goals,
     outcomes,
+    plans,
     read_frame,
     reference_norms,
     refresh_service_cells,
@@ -67,12 +73,15 @@ class ComputeReport:
     sudden_rows: int
     reference_rebuilt: bool
     flags: dict[str, int] = field(default_factory=dict)
+    #: Episodes whose flags, goal status and summaries were re-evaluated (all: None).
+    rule_scope: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "mode": self.mode, "episodes": self.episodes,
                 "outcome_rows": self.outcome_rows, "sudden_rows": self.sudden_rows,
                 "reference_rebuilt": self.reference_rebuilt, "flags": self.flags,
+                "rule_scope": self.rule_scope,
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -214,6 +223,75 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                                 today=today)
 
 
+def _previous_state(conn: sa.Connection) -> dict[str, Any] | None:
+    """The scope state recorded by the latest completed run (None before this field)."""
+    raw = conn.execute(sa.select(compute_runs.c.scope_state).where(
+        compute_runs.c.status == "done").order_by(compute_runs.c.run_id.desc()).limit(1)
+    ).scalar_one_or_none()
+    return json.loads(raw) if raw else None
+
+
+def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] | None,
+              state: dict[str, Any], now: datetime, watermark: int) -> set[str]:
+    """Open episodes whose flags or goal status may differ from the last run's, though
+    no administration or episode record of theirs arrived: the date-based rules moved
+    on, or a plan review or a plan (batch after ``watermark``) was added.
+
+    Every rule output is a function of the episode's records, the stored reference,
+    the settings and the clock; the clock enters only through comparisons with a
+    review due date (``review_overdue``), the latest score plus N weeks
+    (``missing_measures``) and a goal's due date (goal status, hence the goal flags and
+    the caseload's goal summary). An episode none of whose dates lies between the last
+    run's clock and this one gives the same result as then, so it is left alone.
+    Without a recorded state, or after a setting or a scale definition changed, every
+    open episode is re-evaluated.
+    """
+    open_eps = read_frame(conn, sa.select(episodes.c.episode_id, episodes.c.start_date)
+                          .where(episodes.c.end_date.is_(None)), raw=True)
+    if previous is None or any(previous.get(k) != state[k] for k in ("settings", "registry")):
+        return set(open_eps["episode_id"])
+    then = datetime.fromisoformat(previous["clock"])
+    # review_overdue and goal status compare with the clock's date (due < date), and
+    # missing_measures with the clock itself (threshold < clock): a result can differ
+    # only for a date in [earlier date, later clock], both ends included.
+    lo = pd.Timestamp(min(then, now)).normalize()
+    hi = pd.Timestamp(max(then, now))
+    is_open = episodes.c.end_date.is_(None)
+    open_q = sa.select(episodes.c.episode_id).where(is_open)
+    rv = read_frame(conn, sa.select(reviews.c.review_id, reviews.c.episode_id,
+                                    reviews.c.reviewed_at, reviews.c.next_review)
+                    .where(reviews.c.episode_id.in_(open_q)), raw=True)
+    changed = set(rv.loc[rv["review_id"].astype("int64") > int(previous["review_id"]),
+                         "episode_id"])
+    changed |= {r[0] for r in conn.execute(sa.select(plans.c.episode_id).where(
+        plans.c.batch_id > watermark))}
+    if then == now:
+        return changed
+    _, due = flag_rules.review_due(open_eps, rv, settings.review_overdue_weeks)
+    # The latest score: every administration has its episode x measure outcome row,
+    # whose last_at is that group's latest (pipeline.stats.outcomes).
+    last = read_frame(conn, sa.select(outcomes.c.episode_id,
+                                      sa.func.max(outcomes.c.last_at).label("last_at"))
+                      .where(outcomes.c.episode_id.in_(open_q))
+                      .group_by(outcomes.c.episode_id), raw=True)
+    _, threshold = flag_rules.missing_threshold(
+        open_eps, pd.Series(pd.to_datetime(last["last_at"]).to_numpy(),
+                            index=last["episode_id"].to_numpy()),
+        settings.missing_measures_weeks)
+    gd = read_frame(conn, sa.select(goals.c.episode_id, goals.c.due_date)
+                    .where(goals.c.episode_id.in_(open_q) & goals.c.due_date.is_not(None)),
+                    raw=True)
+
+    def within(values: pd.Series) -> Any:
+        v = pd.to_datetime(values.astype("object")).astype("datetime64[us]")
+        return ((v >= lo) & (v <= hi)).to_numpy(dtype=bool)
+
+    ids = open_eps["episode_id"].to_numpy()
+    changed |= set(ids[within(due) | within(threshold)])
+    changed |= set(gd["episode_id"].to_numpy()[within(gd["due_date"])])
+    return changed
+
+
 def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
              scope: list[str] | None, run_id: int) -> None:
     """Replace a per-episode table's rows for the scope (all rows when None)."""
@@ -256,9 +334,14 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             ids: list[str] | None = sorted(touched)
         else:
             ids = None
+        state = {"clock": now.isoformat(), "review_id": int(conn.execute(sa.select(
+            sa.func.coalesce(sa.func.max(reviews.c.review_id), 0))).scalar_one()),
+            "settings": settings.fingerprint(),
+            "registry": hashlib.sha256(repr(registry).encode()).hexdigest()[:16]}
+        previous = _previous_state(conn)
         run_id = int(conn.execute(compute_runs.insert().values(
-            started_at=utcnow(), mode=mode, watermark=watermark, status="running"))
-            .inserted_primary_key[0])  # type: ignore[index]
+            started_at=utcnow(), mode=mode, watermark=watermark, status="running",
+            scope_state=json.dumps(state))).inserted_primary_key[0])  # type: ignore[index]
         admins = _read_admins(conn, ids)
         timings["read"] = time.perf_counter() - t0
 
@@ -307,15 +390,14 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
 
         t4 = time.perf_counter()
         # Flags, goal status and the per-episode summaries: every episode on a full run;
-        # otherwise the affected episodes plus every open one (date-based rules move on
-        # with the clock). Closed, unaffected episodes cannot change, so the result is
-        # the same as a full evaluation.
+        # otherwise the affected episodes plus the open ones whose date-based results
+        # may have moved on since the last run (see _moved_on). The others cannot
+        # change, so the result is the same as a full evaluation.
         if ids is None:
             scope: list[str] | None = None
         else:
-            open_ids = [r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
-                episodes.c.end_date.is_(None)))]
-            scope = sorted(set(ids) | set(open_ids))
+            scope = sorted(set(ids) | _moved_on(conn, settings, previous, state, now,
+                                                int(last)))
         # A full run already holds every administration; an incremental one read only the
         # touched episodes, while its scope also covers every open one.
         inp = rule_input(conn, registry, settings, now, scope,
@@ -327,7 +409,12 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         _replace(conn, goal_status_table, inp.goals, scope, run_id)
         open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
         summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
-        conn.execute(caseload_table.delete())  # only open episodes: always all of them
+        if scope is None:
+            conn.execute(caseload_table.delete())
+        else:  # the scope's rows; an episode that closed is in it and is not written back
+            for i in range(0, len(scope), 900):
+                conn.execute(caseload_table.delete().where(
+                    caseload_table.c.episode_id.in_(scope[i:i + 900])))
         if not summary.empty:
             _insert(conn, caseload_table, summary, run_id)
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
@@ -343,4 +430,5 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
     timings["total"] = time.perf_counter() - t0
     return ComputeReport(run_id=run_id, mode=mode, episodes=n_episodes,
                          outcome_rows=len(out), sudden_rows=len(sudden),
-                         reference_rebuilt=rebuild, flags=flag_counts, timings=timings)
+                         reference_rebuilt=rebuild, flags=flag_counts, timings=timings,
+                         rule_scope=None if scope is None else len(scope))

@@ -9,6 +9,8 @@ Nothing is read at import time: call :func:`load_settings`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +23,10 @@ from pipeline.errors import ConfigError
 __all__ = ["Settings", "load_settings"]
 
 _SECRET_FIELDS = frozenset({"secret_key", "export_key"})
+#: Where things are and how they are served or guarded; none changes a result.
+_OPERATIONAL = frozenset({"database_url", "data_dir", "inbox", "schedule_cron",
+                          "environment", "login_max_failures", "login_window_seconds",
+                          "proxy_hops", "max_file_bytes", "max_field_chars", "chunk_rows"})
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,16 @@ class Settings:
         if setting and hasattr(self, setting):
             return int(getattr(self, setting))
         return default
+
+    def fingerprint(self) -> str:
+        """A digest of the settings that can change a statistic, a goal status or a flag
+        (all but the secrets and :data:`_OPERATIONAL`): when it changes, an incremental
+        compute re-evaluates every open episode. A new setting counts unless listed as
+        operational, so forgetting to list one costs one wide run, never a stale flag."""
+        public = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in _SECRET_FIELDS | _OPERATIONAL}
+        text = json.dumps(public, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def resolved_database_url(self) -> str:

@@ -6,7 +6,9 @@ parameters) and a plain-words message for the clinician. :func:`refresh` merges 
 evaluation into the stored flags:
 
 - a new firing is raised ``open`` (``first_raised`` = now);
-- a stored flag that fires again updates ``last_seen`` and its evidence; if it was
+- a stored flag that fires again updates ``last_seen`` (the last run that evaluated its
+  episode: an incremental run evaluates only episodes whose result may have changed)
+  and its evidence; if it was
   ``acknowledged`` by a plan review it reopens only when its evidence is newer than the
   review (a later administration still meets the rule);
 - a stored open or acknowledged flag that no longer fires is ``resolved``;
@@ -35,7 +37,8 @@ from pipeline.scales import Registry
 from pipeline.store import bulk_insert, read_frame, to_records
 from pipeline.store import flags as flags_table
 
-__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "refresh", "risk_flags"]
+__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold", "refresh",
+           "review_due", "risk_flags"]
 
 #: kind -> default severity (SPEC §8).
 KINDS: dict[str, str] = {
@@ -79,6 +82,11 @@ def _fmt(x: Any, nd: int = 1) -> str:
 
 def _date(x: Any) -> str:
     return pd.Timestamp(x).strftime("%Y-%m-%d") if pd.notna(x) else "n/a"
+
+
+def _or_none(x: Any) -> Any:
+    """Missing (None, NaN or NaT, whichever the read path gave) as JSON null."""
+    return None if x is None or x is pd.NaT or (isinstance(x, float) and x != x) else x
 
 
 def _dt(values: pd.Series) -> pd.Series:
@@ -268,10 +276,14 @@ def _goal_rule(inp: RuleInput, status: str, kind: str) -> pd.DataFrame:
                    + (f"; projected {_date(r['projected_at'])} (range "
                       f"{_date(r['projected_earliest'])} to {_date(r['projected_latest'])})"
                       if pd.notna(r["projected_at"]) else ""),
-        "evidence": {k: r.get(k) for k in ("goal_id", "kind", "target", "boundary", "due_at",
-                                            "last_score", "slope_week", "projected_at",
-                                            "projected_earliest", "projected_latest",
-                                            "status_reason")},
+        # Scores are integers: written as such whether or not another goal of the batch
+        # had no score (which would make the column float).
+        "evidence": {**{k: r.get(k) for k in ("goal_id", "kind", "target", "boundary",
+                                               "due_at", "slope_week", "projected_at",
+                                               "projected_earliest", "projected_latest",
+                                               "status_reason")},
+                     "last_score": None if pd.isna(r.get("last_score"))
+                     else int(r["last_score"])},
         "evidence_at": r["last_at"],
     } for r in _records(hit)]
     return _frame(rows, kind)
@@ -289,13 +301,8 @@ def rule_goal_overdue(inp: RuleInput) -> pd.DataFrame:
 
 def rule_review_overdue(inp: RuleInput) -> pd.DataFrame:
     """Review: no plan review in N weeks (or past the next review date set)."""
-    e = inp.episodes[inp.episodes["end_date"].isna()]
     weeks = inp.settings.review_overdue_weeks
-    last = inp.reviews.groupby("episode_id").agg(
-        last_review=("reviewed_at", "max"), next_review=("next_review", "last"))
-    e = e.merge(last, left_on="episode_id", right_index=True, how="left")
-    since = _dt(e["last_review"]).fillna(_dt(e["start_date"]))
-    due = _dt(e["next_review"]).fillna(since + pd.Timedelta(weeks=weeks))
+    e, due = review_due(inp.episodes[inp.episodes["end_date"].isna()], inp.reviews, weeks)
     today = pd.Timestamp(inp.today)
     hit = e[(due < today.normalize()).to_numpy()]
     due_hit = due[(due < today.normalize()).to_numpy()]
@@ -304,11 +311,36 @@ def rule_review_overdue(inp: RuleInput) -> pd.DataFrame:
         "rule": f"no plan review for {weeks} weeks, or past the next review date",
         "message": f"Plan review overdue since {_date(d)} (last review "
                    f"{_date(r['last_review']) if pd.notna(r['last_review']) else 'never'})",
-        "evidence": {"last_review": r["last_review"], "start_date": r["start_date"],
+        "evidence": {"last_review": _or_none(r["last_review"]), "start_date": r["start_date"],
                      "review_due": d, "weeks": weeks},
         "evidence_at": d,
     } for r, d in zip(_records(hit), due_hit, strict=True)]
     return _frame(rows, "review_overdue")
+
+
+def review_due(episodes: pd.DataFrame, reviews: pd.DataFrame, weeks: float
+               ) -> tuple[pd.DataFrame, pd.Series]:
+    """When each episode's plan review falls due: the next review date set at the latest
+    review, else ``weeks`` after the latest review (or the start). Returns the episodes
+    with ``last_review``/``next_review`` and the due dates."""
+    latest = reviews.sort_values("review_id", kind="stable") if "review_id" in reviews \
+        else reviews
+    last = latest.groupby("episode_id").agg(
+        last_review=("reviewed_at", "max"), next_review=("next_review", "last"))
+    e = episodes.merge(last, left_on="episode_id", right_index=True, how="left")
+    since = _dt(e["last_review"]).fillna(_dt(e["start_date"]))
+    return e, _dt(e["next_review"]).fillna(since + pd.Timedelta(weeks=weeks))
+
+
+def missing_threshold(episodes: pd.DataFrame, last_score_at: pd.Series, weeks: float
+                      ) -> tuple[pd.Series, pd.Series]:
+    """(latest score or else start, the moment ``weeks`` after it) per episode row;
+    ``last_score_at`` is indexed by episode id."""
+    # reindex, not map: map of an empty datetime Series fails in pandas 3.
+    last_of = pd.Series(last_score_at.reindex(episodes["episode_id"].to_numpy()).to_numpy(),
+                        index=episodes.index)
+    since = _dt(last_of).fillna(_dt(episodes["start_date"]))
+    return since, since + pd.Timedelta(weeks=weeks)
 
 
 def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
@@ -316,10 +348,7 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
     e = inp.episodes[inp.episodes["end_date"].isna()]
     weeks = inp.settings.missing_measures_weeks
     last = inp.administrations.groupby("episode_id")["administered_at"].max()
-    # reindex, not map: map of an empty datetime Series fails in pandas 3.
-    last_of = pd.Series(last.reindex(e["episode_id"].to_numpy()).to_numpy(), index=e.index)
-    since = _dt(last_of).fillna(_dt(e["start_date"]))
-    threshold = since + pd.Timedelta(weeks=weeks)
+    since, threshold = missing_threshold(e, last, weeks)
     hit_mask = (threshold < pd.Timestamp(inp.today)).to_numpy()
     rows = [{
         "episode_id": r["episode_id"], "measure": "", "key": "", "severity": "info",

@@ -230,6 +230,9 @@ compute_runs = sa.Table(
     sa.Column("watermark", _I, nullable=False),  # highest batch_id included
     sa.Column("episodes", _I),
     sa.Column("status", sa.String(20), nullable=False),
+    # JSON: the rules' clock, the last review id and a fingerprint of the settings
+    # (what the next incremental run compares against; see pipeline.compute).
+    sa.Column("scope_state", sa.Text),
 )
 
 flags = sa.Table(
@@ -500,9 +503,12 @@ class Store:
     def _upgrade(conn: Connection) -> None:
         """Additive upgrades within schema version 1, idempotent.
 
-        ``create_all`` adds missing tables but not indexes added later to existing
-        tables; derived tables added later are filled from what compute wrote.
+        ``create_all`` adds missing tables but not columns or indexes added later to
+        existing tables; derived tables added later are filled from what compute wrote.
         """
+        have = {c["name"] for c in sa.inspect(conn).get_columns("compute_runs")}
+        if "scope_state" not in have:
+            conn.execute(sa.text("ALTER TABLE compute_runs ADD COLUMN scope_state TEXT"))
         for table in metadata.sorted_tables:
             for index in table.indexes:
                 index.create(conn, checkfirst=True)
@@ -545,20 +551,25 @@ class Store:
             yield conn
 
     # ------------------------------------------------------------------ reads
-    def therapist_ids(self, conn: Connection) -> set[str]:
-        return {r[0] for r in conn.execute(sa.select(therapists.c.therapist_id))}
+    # The lookups validation needs: every id, or (``ids``) only those asked for.
+    def therapist_ids(self, conn: Connection, ids: Sequence[str] | None = None) -> set[str]:
+        return {r[0] for r in _rows(conn, sa.select(therapists.c.therapist_id),
+                                    therapists.c.therapist_id, ids)}
 
-    def client_ids(self, conn: Connection) -> set[str]:
-        return {r[0] for r in conn.execute(sa.select(clients.c.client_id))}
+    def client_ids(self, conn: Connection, ids: Sequence[str] | None = None) -> set[str]:
+        return {r[0] for r in _rows(conn, sa.select(clients.c.client_id),
+                                    clients.c.client_id, ids)}
 
-    def episode_clients(self, conn: Connection) -> dict[str, str]:
+    def episode_clients(self, conn: Connection, ids: Sequence[str] | None = None
+                        ) -> dict[str, str]:
         q = sa.select(episodes.c.episode_id, episodes.c.client_id)
-        return {r[0]: r[1] for r in conn.execute(q)}
+        return {r[0]: r[1] for r in _rows(conn, q, episodes.c.episode_id, ids)}
 
-    def episode_starts(self, conn: Connection) -> dict[str, Any]:
+    def episode_starts(self, conn: Connection, ids: Sequence[str] | None = None
+                       ) -> dict[str, Any]:
         """Episode id -> start date."""
         q = sa.select(episodes.c.episode_id, episodes.c.start_date)
-        return {r[0]: r[1] for r in conn.execute(q)}
+        return {r[0]: r[1] for r in _rows(conn, q, episodes.c.episode_id, ids)}
 
     def entities(self, conn: Connection, kind: str, ids: Sequence[str]) -> pd.DataFrame:
         """Stored rows of an entity kind for the given ids."""
@@ -569,19 +580,31 @@ class Store:
         return pd.concat(frames, ignore_index=True) if frames else \
             pd.DataFrame(columns=list(table.c.keys()))
 
-    def administration_keys(self, conn: Connection, episode_ids: Sequence[str]) -> pd.DataFrame:
-        """Identity and content of stored administrations of the given episodes."""
+    def administration_keys(self, conn: Connection, identities: pd.DataFrame) -> pd.DataFrame:
+        """Identity and content of the stored administrations with these identities
+        (``episode_id, measure, administered_at``), found through the unique index."""
         cols = [administrations.c.episode_id, administrations.c.measure,
                 administrations.c.administered_at, administrations.c.session_number,
                 administrations.c.total_supplied,
                 *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
         names = [c.name for c in cols]
+        # Episode IN (...) AND time IN (...), 300 identities at a time: a superset of the
+        # identities (the caller matches them exactly) that the unique index answers by
+        # itself, reading table rows only for matches. (A row-value IN list makes
+        # SQLite scan the table.)
+        ident = identities.drop_duplicates().sort_values("episode_id")
+        eps = ident["episode_id"].tolist()
+        when = pd.to_datetime(ident["administered_at"]).dt.to_pydatetime().tolist()
         frames = [read_frame(conn, sa.select(*cols).where(
-            administrations.c.episode_id.in_(part)), raw=True) for part in _parts(episode_ids)]
+            administrations.c.episode_id.in_(sorted(set(eps[i:i + 300])))
+            & administrations.c.administered_at.in_(sorted(set(when[i:i + 300])))), raw=True)
+            for i in range(0, len(eps), 300)]
         frames = [f for f in frames if not f.empty]
         if not frames:
             return pd.DataFrame(columns=names)
-        return pd.concat(frames, ignore_index=True)
+        # An episode split across two groups can return a row twice.
+        return pd.concat(frames, ignore_index=True).drop_duplicates(
+            ["episode_id", "measure", "administered_at"], ignore_index=True)
 
     def plan_goals(self, conn: Connection, episode_ids: Sequence[str]) -> pd.DataFrame:
         """Goals of the latest plan version of the given episodes."""
@@ -664,6 +687,17 @@ class Store:
             conn.execute(plans.insert(), plan_rows)
         cols = [c.name for c in goals.c]
         conn.execute(goals.insert(), to_records(frame[cols]))
+
+
+def _rows(conn: Connection, query: sa.Select[Any], key: sa.ColumnElement[Any],
+          ids: Sequence[str] | None) -> Iterator[Any]:
+    """The query's rows, restricted to ``key IN ids`` (in lists of 900) when given."""
+    if ids is None:
+        yield from conn.execute(query)
+        return
+    ids = list(ids)
+    for i in range(0, len(ids), 900):
+        yield from conn.execute(query.where(key.in_(ids[i:i + 900])))
 
 
 def read_frame(conn: Connection, query: Any, raw: bool = False) -> pd.DataFrame:

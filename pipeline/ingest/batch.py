@@ -38,6 +38,9 @@ __all__ = ["FileReport", "IngestReport", "content_hash", "ingest_paths", "plan_f
 _ITEMS = [f"item_{i}" for i in range(1, MAX_ITEMS + 1)]
 _CONTENT = ["session_number", "total_supplied", *_ITEMS]
 _IDENTITY = ["episode_id", "measure", "administered_at"]
+#: A chunk naming up to this many ids (episodes, clients, therapists) looks up just
+#: those in the store; a larger one loads every id once for its file.
+LOOKUP_LIMIT = 20_000
 
 
 @dataclass
@@ -213,16 +216,38 @@ class _Ingestor:
         self.registry = registry
         self.now = now or utcnow()
         self._file_plans: set[str] = set()
+        self._whole: Context | None = None
 
-    def context(self, conn: Connection) -> Context:
-        ep = self.store.episode_clients(conn)
-        return Context(
-            registry=self.registry, now=self.now, timezone=self.settings.timezone,
-            future_tolerance_hours=self.settings.future_tolerance_hours,
-            max_field_chars=self.settings.max_field_chars,
-            therapists=self.store.therapist_ids(conn), clients=self.store.client_ids(conn),
-            episode_client=ep, episode_start=self.store.episode_starts(conn),
-        )
+    def context(self, conn: Connection, frame: pd.DataFrame | None = None) -> Context:
+        """What validation needs from the store for one chunk.
+
+        A chunk naming at most :data:`LOOKUP_LIMIT` ids gets only those, read in this
+        transaction (so it sees what earlier chunks of the file wrote): a cycle's small
+        file into a large store reads a few thousand rows instead of every episode and
+        client. A larger chunk gets every id, read once per file and kept up to date
+        as the file's entities are written.
+        """
+        if frame is not None:
+            need = {c: frame[c].astype("str").str.strip().unique().tolist()
+                    for c in ("episode_id", "client_id", "therapist_id") if c in frame}
+            if sum(len(v) for v in need.values()) <= LOOKUP_LIMIT:
+                eps = need.get("episode_id", [])
+                return self._context(
+                    therapists=self.store.therapist_ids(conn, need.get("therapist_id", [])),
+                    clients=self.store.client_ids(conn, need.get("client_id", [])),
+                    episode_client=self.store.episode_clients(conn, eps),
+                    episode_start=self.store.episode_starts(conn, eps))
+        if self._whole is None:
+            self._whole = self._context(
+                therapists=self.store.therapist_ids(conn), clients=self.store.client_ids(conn),
+                episode_client=self.store.episode_clients(conn),
+                episode_start=self.store.episode_starts(conn))
+        return self._whole
+
+    def _context(self, **lookups: Any) -> Context:
+        return Context(registry=self.registry, now=self.now, timezone=self.settings.timezone,
+                       future_tolerance_hours=self.settings.future_tolerance_hours,
+                       max_field_chars=self.settings.max_field_chars, **lookups)
 
     def run(self, paths: Sequence[Path]) -> IngestReport:
         opened = sorted((_Opened(p, self.settings, self.registry) for p in paths),
@@ -235,6 +260,7 @@ class _Ingestor:
     def ingest_file(self, op: _Opened) -> FileReport:
         rep = FileReport(file=str(op.path), kind=op.kind, status="committed")
         self._file_plans = set()  # episodes whose plan this file created
+        self._whole = None  # every id, when a chunk names too many to look up
         digest = content_hash(op.path)
         with self.store.transaction() as conn:
             rep.batch_id = self.store.start_batch(conn, str(op.path), digest, op.kind, self.now)
@@ -243,13 +269,13 @@ class _Ingestor:
                 rep.error = str(op.error)
                 self._quarantine(conn, rep, _rejected_records(op.path, op.error, op.reason))
             else:
-                ctx = self.context(conn)
                 for chunk in op.chunks():
                     rep.records += chunk.n_records
                     rep.extra_columns = chunk.extra_columns
                     self._quarantine(conn, rep, chunk.failed)
                     if chunk.frame.empty:
                         continue  # every record of the chunk already failed in the reader
+                    ctx = self.context(conn, chunk.frame)
                     if op.kind == "administrations":
                         self._administrations(conn, rep, chunk, ctx)
                     else:
@@ -301,7 +327,7 @@ class _Ingestor:
         later_diff = ~first.to_numpy() & ~later_same
 
         # Against the store.
-        stored = self.store.administration_keys(conn, frame["episode_id"].unique().tolist())
+        stored = self.store.administration_keys(conn, frame[_IDENTITY])
         if not stored.empty:
             stored["administered_at"] = pd.to_datetime(stored["administered_at"]) \
                 .astype("datetime64[us]")

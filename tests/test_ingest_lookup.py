@@ -1,0 +1,69 @@
+"""Validation looks ids up per chunk (few ids) or loads them all (many): same result.
+
+A cycle's small file into a large store asks the store for the few episodes, clients
+and therapists its chunk names; a large chunk loads every id once per file. Both ways
+must quarantine, accept and flag exactly the same records, including ids written by an
+earlier chunk of the same file and identities already stored (duplicates, conflicts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import Settings
+from pipeline.ingest import batch
+from pipeline.scales import Registry
+from pipeline.store import Store
+from pipeline.synth import SynthConfig, next_week, write_sample
+from tests.conftest import fresh_store, ingest
+
+TABLES = {"quarantine": ["quarantine_id", "batch_id", "file"],
+          "administrations": ["admin_id", "batch_id"], "episodes": ["batch_id"],
+          "clients": ["batch_id"], "therapists": ["batch_id"], "goals": [],
+          "flags": ["flag_id", "first_raised", "last_seen"]}
+
+
+def _tables(store: Store) -> dict[str, pd.DataFrame]:
+    out = {}
+    for table, drop in TABLES.items():
+        df = store.read_table(table).drop(columns=drop, errors="ignore").astype(str)
+        out[table] = df.sort_values(list(df.columns)).reset_index(drop=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_per_chunk_lookups_equal_loading_every_id(tmp_path: Path, registry: Registry,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  kind: str) -> None:
+    data = write_sample(tmp_path / "s", SynthConfig(episodes=40, therapists=3, seed=5,
+                                                    faulty_rows=22))
+    inp = tmp_path / "s" / "input"
+    again = tmp_path / "again"
+    again.mkdir()
+    # A second file: a further week for some episodes, plus rows already stored
+    # (duplicates) and one stored identity with another score (a conflict).
+    new = next_week(inp / "administrations.csv", 30)
+    old = pd.read_csv(inp / "administrations.csv", dtype="str", keep_default_na=False)
+    changed = old.iloc[[5]].copy()
+    changed["total"] = "3" if changed["total"].iloc[0] != "3" else "4"
+    pd.concat([new, old.iloc[:10], changed]).to_csv(again / "administrations.csv",
+                                                     index=False)
+    settings = Settings(chunk_rows=25)  # several chunks per file
+    results = []
+    for limit in (0, batch.LOOKUP_LIMIT):  # 0: every chunk loads every id
+        monkeypatch.setattr(batch, "LOOKUP_LIMIT", limit)
+        with fresh_store(kind, tmp_path / f"l{limit}") as store:
+            reports = [ingest([inp], store, settings, registry),
+                       ingest([again], store, settings, registry)]
+            counts = [(f.kind, f.records, f.accepted, f.duplicates, f.quarantined,
+                       dict(f.by_reason), dict(f.warnings)) for r in reports for f in r.files]
+            results.append((counts, _tables(store)))
+    (counts_all, tables_all), (counts_few, tables_few) = results
+    assert counts_few == counts_all
+    assert any(c[4] for c in counts_all) and any(c[3] for c in counts_all)
+    for table in TABLES:
+        pd.testing.assert_frame_equal(tables_few[table], tables_all[table], obj=table)
+    assert len(data.administrations) > 25

@@ -46,6 +46,14 @@ def main() -> None:
         compute(store, s, reg, full=True)
         store.engine.dispose()
         print(f"built the base store in {time.perf_counter() - t:.0f} s")
+    # A store from an earlier version gets its new indexes and tables, and one run
+    # records the clock and settings the next incremental run compares against (as a
+    # deployed store's first cycle after an upgrade would).
+    s = Settings(database_url=f"sqlite:///{db}")
+    store = Store(s.resolved_database_url)
+    store.init()
+    compute(store, s, reg)
+    store.engine.dispose()
     csv = base / "sample" / "input" / "administrations.csv"
     n_base = sum(1 for _ in open(csv, encoding="utf-8")) - 1
     new = next_week(csv, args.new)

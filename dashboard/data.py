@@ -64,6 +64,9 @@ __all__ = ["DataAccess", "get_data"]
 
 SEVERITY_ORDER = {"urgent": 0, "review": 1, "info": 2}
 MAX_BLOCK = 500  # rows per caseload block request
+#: How the caseload shows a trend (and filters on it).
+TREND_LABELS = {"improving": "↓ improving", "worsening": "↑ worsening", "flat": "→ flat",
+                "too few": "· too few"}
 
 
 def _open_flag_counts(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
@@ -85,7 +88,10 @@ def _grid_columns(fa: sa.Subquery, day: date) -> dict[str, GridColumn]:
     def weeks(op: str, value: float) -> sa.ColumnElement[bool]:
         # weeks = whole weeks since the start date (floor), compared on the date itself.
         def started_by(w: int) -> date:  # latest start date with at least ``w`` weeks
-            return day - timedelta(days=7 * w)
+            try:
+                return day - timedelta(days=7 * w)
+            except OverflowError:  # beyond the calendar: every date, or none
+                return date.min if w > 0 else date.max
         lo = {"ge": math.ceil(value), "gt": math.floor(value) + 1}.get(op)
         hi = {"le": math.floor(value), "lt": math.ceil(value) - 1}.get(op)
         if op == "eq":
@@ -104,8 +110,8 @@ def _grid_columns(fa: sa.Subquery, day: date) -> dict[str, GridColumn]:
             "therapist": therapists.c.name,
             "client_link": sa.func.trim(sa.func.coalesce(clients.c.given_name, "") + " " +
                                         sa.func.coalesce(clients.c.family_name, "")),
-            "dep_trend_label": caseload_table.c.dep_trend,
-            "anx_trend_label": caseload_table.c.anx_trend,
+            # Filtered as shown ("↓ improving"), not as stored ("improving").
+            "dep_trend_label": sa.case(TREND_LABELS, value=caseload_table.c.dep_trend),
             "goal_status": caseload_table.c.goal_status,
             "risk_label": sa.case((n["risk"] > 0, "RISK"), else_="")}
     numbers = {"dep_latest": caseload_table.c.dep_latest,
@@ -265,8 +271,9 @@ class DataAccess:
                 episodes.c.start_date, clients.c.given_name, clients.c.family_name,
                 therapists.c.name.label("therapist"),
                 *[c for c in caseload_table.c if c.name not in ("episode_id", "run_id")])
-                .join(clients, clients.c.client_id == episodes.c.client_id)
-                .join(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
+                # Outer joins, as in the ordering query: a block never comes back short.
+                .outerjoin(clients, clients.c.client_id == episodes.c.client_id)
+                .outerjoin(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
                 .outerjoin(caseload_table, caseload_table.c.episode_id == episodes.c.episode_id)
                 .where(cond), raw=True)
             # Flags and reviews are read live: a review or a risk answer changes them

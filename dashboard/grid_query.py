@@ -7,8 +7,8 @@ sorted or filtered, values are bound parameters, and any other shape is a
 :class:`~pipeline.errors.UsageError` (the callback then shows nothing).
 
 Semantics follow AG Grid's own text and number filters: text matching ignores case,
-``inRange`` excludes both ends (AG Grid's default, ``inRangeInclusive=False``), and
-"not equal"/"not contains" keep blank values.
+``inRange`` excludes both ends (AG Grid's default, ``inRangeInclusive=False``), text
+"not equal"/"not contains" keep blank values and number "not equal" does not.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _NUMBER_TYPES = {"equals", "notEqual", "lessThan", "lessThanOrEqual", "greaterTh
                  "greaterThanOrEqual", "inRange", "blank", "notBlank"}
 _MAX_CONDITIONS = 4
 _MAX_TEXT = 200
+_MAX_NUMBER = 1e6  # no score, change or count on the grid comes near it
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,21 @@ def _text(col: GridColumn, cond: Mapping[str, Any]) -> Clause:
     value = cond.get("filter")
     if not isinstance(value, str) or len(value) > _MAX_TEXT:
         raise UsageError("a text filter needs a short string", filter=value)
-    low, v = sa.func.lower(col.expr), value.lower()
+    # Both sides lowered by the database's own lower(): SQLite's folds ASCII only, so a
+    # value lowered in Python ('öst') would never match the column's ('Öst' stays).
+    low = sa.func.lower(col.expr)
+    esc = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+    def like(pattern: str) -> Clause:
+        return low.like(sa.func.lower(sa.literal(pattern)), escape="/")
+
     match: dict[str, Clause] = {
-        "contains": low.contains(v, autoescape=True),
-        "notContains": sa.or_(col.expr.is_(None), ~low.contains(v, autoescape=True)),
-        "equals": low == v,
-        "notEqual": sa.or_(col.expr.is_(None), low != v),
-        "startsWith": low.startswith(v, autoescape=True),
-        "endsWith": low.endswith(v, autoescape=True),
+        "contains": like(f"%{esc}%"),
+        "notContains": sa.or_(col.expr.is_(None), ~like(f"%{esc}%")),
+        "equals": low == sa.func.lower(sa.literal(value)),
+        "notEqual": sa.or_(col.expr.is_(None), low != sa.func.lower(sa.literal(value))),
+        "startsWith": like(f"{esc}%"),
+        "endsWith": like(f"%{esc}"),
     }
     return match[kind]
 
@@ -92,15 +100,21 @@ def _number(col: GridColumn, cond: Mapping[str, Any]) -> Clause:
     raw = [cond.get("filter")] + ([cond.get("filterTo")] if kind == "inRange" else [])
     values: list[float] = []
     for v in raw:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise UsageError("a number filter needs a finite number", filter=v)
-        values.append(float(v))
+        number = None
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            try:
+                number = float(v)
+            except OverflowError:  # a JSON integer beyond any float
+                number = None
+        if number is None or not math.isfinite(number) or abs(number) > _MAX_NUMBER:
+            raise UsageError("a number filter needs a finite number up to 1e6", filter=v)
+        values.append(number)
     cmp = col.compare or _plain(col.expr)
     a = values[0]
     if kind == "equals":
         return cmp("eq", a)
-    if kind == "notEqual":
-        return sa.or_(col.expr.is_(None), sa.not_(cmp("eq", a)))
+    if kind == "notEqual":  # blanks excluded, as AG Grid's number filter does
+        return sa.not_(cmp("eq", a))
     if kind == "inRange":
         lo, hi = sorted(values)
         return sa.and_(cmp("gt", lo), cmp("lt", hi))

@@ -235,7 +235,8 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
               state: dict[str, Any], now: datetime, watermark: int) -> set[str]:
     """Open episodes whose flags or goal status may differ from the last run's, though
     no administration or episode record of theirs arrived: the date-based rules moved
-    on, or a plan review or a plan (batch after ``watermark``) was added.
+    on, or a plan review or a plan (batch after ``watermark``) was added (for these
+    two, and for an end date still ahead, closed episodes too).
 
     Every rule output is a function of the episode's records, the stored reference,
     the settings and the clock; the clock enters only through comparisons with a
@@ -261,12 +262,18 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
     rv = read_frame(conn, sa.select(reviews.c.review_id, reviews.c.episode_id,
                                     reviews.c.reviewed_at, reviews.c.next_review)
                     .where(reviews.c.episode_id.in_(open_q)), raw=True)
-    changed = set(rv.loc[rv["review_id"].astype("int64") > int(previous["review_id"]),
-                         "episode_id"])
+    # New reviews and plans of any episode: a "revise" review of a closed episode
+    # brings a plan version whose goals need a status too.
+    changed = {r[0] for r in conn.execute(sa.select(reviews.c.episode_id).where(
+        reviews.c.review_id > int(previous["review_id"])))}
     changed |= {r[0] for r in conn.execute(sa.select(plans.c.episode_id).where(
         plans.c.batch_id > watermark))}
     if then == now:
         return changed
+    # A closed episode's goals are judged as of the earlier of its end and the clock:
+    # with an end date still ahead of the earlier clock, they move with the clock too.
+    changed |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
+        episodes.c.end_date > lo.date()))}
     _, due = flag_rules.review_due(open_eps, rv, settings.review_overdue_weeks)
     # The latest score: every administration has its episode x measure outcome row,
     # whose last_at is that group's latest (pipeline.stats.outcomes).

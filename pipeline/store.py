@@ -330,7 +330,10 @@ episode_service = sa.Table(
 #: administrations instead of one row per episode).
 service_cells = sa.Table(
     "service_cells", metadata,
-    sa.Column("cell_id", sa.Integer, primary_key=True, autoincrement=True),
+    # Every compute re-inserts the cells: 64-bit ids on PostgreSQL (a 32-bit serial would
+    # run out after a year or so of 15-minute cycles); SQLite reuses its row ids.
+    sa.Column("cell_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+              primary_key=True, autoincrement=True),
     sa.Column("team", sa.String(200)),
     sa.Column("therapist_id", sa.String(200)),
     sa.Column("end_month", sa.String(7)),
@@ -485,18 +488,21 @@ class Store:
         try:
             metadata.create_all(self.engine)
             with self.engine.begin() as conn:
-                self._upgrade(conn)
                 versions = [r[0] for r in conn.execute(sa.select(schema_info.c.version))]
                 if not versions:
                     conn.execute(schema_info.insert().values(version=SCHEMA_VERSION,
                                                              applied_at=utcnow()))
-                    return SCHEMA_VERSION
+                    versions = [SCHEMA_VERSION]
+            if max(versions) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"store schema version {max(versions)} is not {SCHEMA_VERSION}",
+                    url=self.safe_url, fix="run the matching OnTrack version or migrate")
+            # Under the write lock: a dashboard and a scheduler starting together after
+            # an upgrade must not both add the same column.
+            with self.transaction() as conn:
+                self._upgrade(conn)
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot reach the store: {exc.orig}", url=self.safe_url) from exc
-        if max(versions) != SCHEMA_VERSION:
-            raise StoreError(
-                f"store schema version {max(versions)} is not {SCHEMA_VERSION}",
-                url=self.safe_url, fix="run the matching OnTrack version or migrate")
         return SCHEMA_VERSION
 
     @staticmethod

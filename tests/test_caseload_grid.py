@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from dashboard.access import Viewer
 from dashboard.data import DataAccess
+from dashboard.grid_query import GridColumn, grid_where
 from pipeline.compute import compute
 from pipeline.config import Settings
 from pipeline.errors import UsageError
@@ -152,6 +153,13 @@ def test_filters_select_what_ag_grid_would(grid: tuple[DataAccess, pd.DataFrame]
         ({"team": _text("equals", "North"), "weeks": _number("greaterThan", 9)},
          (ref["team"] == "North") & (w > 9)),
         ({"client_link": _text("contains", "%")}, ref["client"].str.contains("%")),
+        ({"dep_latest": _number("notEqual", 10)},  # blanks excluded, as AG Grid does
+         ref["dep_latest"].notna() & (ref["dep_latest"] != 10)),
+        ({"dep_trend_label": _text("startsWith", "↓")}, ref["dep_trend"] == "improving"),
+        ({"dep_trend_label": _text("equals", "→ FLAT")}, ref["dep_trend"] == "flat"),
+        ({"weeks": _number("greaterThan", 200_000)}, w > 200_000),  # before year 1
+        ({"weeks": _number("lessThan", 999_999)}, w < 999_999),
+        ({"weeks": _number("greaterThan", -999_999)}, w > -999_999),
         ({"client_link": _text("contains", "' OR '1'='1")}, ref["client"] == "?"),
     ]
     for model, mask in cases:
@@ -188,6 +196,8 @@ def test_a_filter_cannot_widen_a_therapists_scope(grid: tuple[DataAccess, pd.Dat
     (None, {"team": _text("contains", 7)}),  # type: ignore[arg-type]
     (None, {"team": _text("contains", "x" * 201)}),
     (None, {"weeks": _number("greaterThan", math.inf)}),
+    (None, {"weeks": _number("greaterThan", 10 ** 400)}),
+    (None, {"weeks": _number("greaterThan", 2e6)}),
     (None, {"weeks": {"filterType": "number", "type": "greaterThan", "filter": "3"}}),
     (None, {"weeks": {"filterType": "number", "type": "greaterThan", "filter": True}}),
     (None, {"weeks": _number("inRange", 1)}),
@@ -206,3 +216,26 @@ def test_malformed_blocks_are_refused(grid: tuple[DataAccess, pd.DataFrame], sta
                                       end: Any) -> None:
     with pytest.raises(UsageError):
         grid[0].caseload_page(DIRECTOR, start, end, today=NOW)
+
+
+def test_text_filters_fold_case_the_same_way_on_both_sides(store: Any) -> None:
+    """The database lowers the column and the value alike: names with letters SQLite's
+    lower() leaves alone ('Ö', 'É') still match as typed."""
+    meta = sa.MetaData()
+    t = sa.Table("names_t", meta, sa.Column("name", sa.String(50)))
+    meta.create_all(store.engine)
+    names = ["Öst", "Émilie Durand", "north", "NORTH", "Ann_Lee", "Ann Lee"]
+    with store.engine.begin() as conn:
+        conn.execute(t.insert(), [{"name": n} for n in names])
+    cols = {"name": GridColumn(t.c.name)}
+
+    def hits(kind: str, value: str) -> set[str]:
+        with store.engine.connect() as conn:
+            q = sa.select(t.c.name).where(*grid_where({"name": _text(kind, value)}, cols))
+            return set(conn.execute(q).scalars())
+
+    assert hits("equals", "Öst") == {"Öst"}
+    assert hits("contains", "Émilie") == {"Émilie Durand"}
+    assert hits("equals", "North") == {"north", "NORTH"}
+    assert hits("startsWith", "ann_") == {"Ann_Lee"}  # "_" is a character, not a wildcard
+    assert hits("notEqual", "öst") | hits("equals", "öst") == set(names)

@@ -125,3 +125,20 @@ def test_a_changed_setting_or_scale_re_evaluates_every_open_episode(store: Store
     edited = Registry(scales={**reg.scales, "PHQ-9": replace(phq, name=phq.name + " (v2)")})
     assert compute(store, changed, edited, now=NOW).rule_scope == n_open
     assert compute(store, changed, edited, now=NOW).rule_scope == 0
+
+
+def test_a_revised_plan_of_a_closed_episode_gets_its_goal_status(store: Store) -> None:
+    reg, settings = load_registry(), Settings()
+    ingest_paths([SAMPLE], store, settings, reg, now=NOW)
+    compute(store, settings, reg, full=True, now=NOW)
+    with store.engine.connect() as conn:
+        closed = conn.execute(sa.select(episodes.c.episode_id).where(
+            episodes.c.end_date.is_not(None)).order_by(episodes.c.episode_id).limit(1)
+        ).scalar_one()
+    goal = pd.DataFrame([{"goal_id": "G9", "measure": "PHQ-9", "kind": "below",
+                          "target": 10, "due_date": date(2027, 1, 1)}])
+    record_review(store, closed, reviewer="t", decision="revise", new_goals=goal,
+                  now=NOW + timedelta(days=1))
+    compute(store, settings, reg, now=NOW + timedelta(days=1))
+    status = store.read_table("goal_status")
+    assert "G9" in set(status.loc[status["episode_id"] == closed, "goal_id"])

@@ -11,7 +11,7 @@ from dash import Input, Output, State, callback, dcc, html
 
 from dashboard import ids
 from dashboard.access import may_see_clients
-from dashboard.data import get_data
+from dashboard.data import TREND_LABELS, get_data
 from dashboard.pages.common import denied
 from dashboard.session import current_viewer
 from pipeline.errors import UsageError
@@ -29,8 +29,7 @@ def _band_style(band_field: str) -> dict[str, Any]:
 
 _NUMBER = "agNumberColumnFilter"
 
-_ARROWS = {"improving": "↓ improving", "worsening": "↑ worsening", "flat": "→ flat",
-           "too few": "· too few"}
+
 
 
 def columns(dep: str = "PHQ-9", anx: str = "GAD-7") -> list[dict[str, Any]]:
@@ -74,7 +73,7 @@ def records(df: Any) -> list[dict[str, Any]]:
         risk_label=df["risk"].map({True: "RISK", False: ""}),
         client_link="[" + df["client"].str.replace("[", "", regex=False) + "](/client/" +
         df["episode_id"] + ")",
-        dep_trend_label=df["dep_trend"].map(_ARROWS),
+        dep_trend_label=df["dep_trend"].map(TREND_LABELS),
     )
     out = df.astype(object).where(df.notna(), None)
     return [{str(k): v for k, v in r.items()} for r in out.to_dict(orient="records")]

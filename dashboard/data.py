@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from flask import current_app
+from sqlalchemy.sql import visitors
 
 from dashboard.access import (
     Viewer,
@@ -83,8 +84,12 @@ def _open_flag_counts(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
         .group_by(flags.c.episode_id)
 
 
-def _grid_columns(fa: sa.Subquery, day: date) -> dict[str, GridColumn]:
-    """The caseload grid's sortable and filterable columns, by AG Grid column id."""
+def _grid_columns(counts: dict[str, sa.ColumnElement[Any]], day: date
+                  ) -> dict[str, GridColumn]:
+    """The caseload grid's sortable and filterable columns, by AG Grid column id, for a
+    query grouped by episode: ``counts`` are the open-flag aggregates; the other
+    columns are one value per episode, sorted as max() (PostgreSQL wants an aggregate
+    for a column of a joined table)."""
     def weeks(op: str, value: float) -> sa.ColumnElement[bool]:
         # weeks = whole weeks since the start date (floor), compared on the date itself.
         def started_by(w: int) -> date:  # latest start date with at least ``w`` weeks
@@ -105,24 +110,28 @@ def _grid_columns(fa: sa.Subquery, day: date) -> dict[str, GridColumn]:
             parts.append(episodes.c.start_date > started_by(hi + 1))
         return sa.and_(*parts)
 
-    n = {s: sa.func.coalesce(fa.c[s], 0) for s in (*SEVERITY_ORDER, "risk")}
+    n = counts
     text = {"team": episodes.c.team, "therapist_id": episodes.c.therapist_id,
             "therapist": therapists.c.name,
             "client_link": sa.func.trim(sa.func.coalesce(clients.c.given_name, "") + " " +
                                         sa.func.coalesce(clients.c.family_name, "")),
             # Filtered as shown ("↓ improving"), not as stored ("improving").
             "dep_trend_label": sa.case(TREND_LABELS, value=caseload_table.c.dep_trend),
-            "goal_status": caseload_table.c.goal_status,
-            "risk_label": sa.case((n["risk"] > 0, "RISK"), else_="")}
+            "goal_status": caseload_table.c.goal_status}
     numbers = {"dep_latest": caseload_table.c.dep_latest,
                "dep_change": caseload_table.c.dep_change,
                "anx_latest": caseload_table.c.anx_latest,
-               "anx_change": caseload_table.c.anx_change,
-               **{f"flags_{s}": n[s] for s in SEVERITY_ORDER}}
-    cols = {k: GridColumn(v) for k, v in text.items()}
-    cols.update({k: GridColumn(v, "number") for k, v in numbers.items()})
+               "anx_change": caseload_table.c.anx_change}
+    cols = {k: GridColumn(v, sort_expr=sa.func.max(v)) for k, v in text.items()}
+    cols.update({k: GridColumn(v, "number", sort_expr=sa.func.max(v))
+                 for k, v in numbers.items()})
+    cols.update({f"flags_{s}": GridColumn(n[s], "number", aggregate=True)
+                 for s in SEVERITY_ORDER})
+    cols["risk_label"] = GridColumn(sa.case((n["risk"] > 0, "RISK"), else_=""),
+                                    aggregate=True)
     cols["weeks"] = GridColumn(episodes.c.start_date, "number", compare=weeks,
-                               descending_expr=True)
+                               descending_expr=True,
+                               sort_expr=sa.func.max(episodes.c.start_date))
     return cols
 
 
@@ -240,20 +249,34 @@ class DataAccess:
     def _caseload_order(self, viewer: Viewer, sort_model: Any, filter_model: Any,
                         day: date) -> list[str]:
         cond = episode_clause(viewer) & episodes.c.end_date.is_(None)
-        visible = sa.select(episodes.c.episode_id).where(cond)
-        fa = _open_flag_counts(flags.c.episode_id.in_(visible)).subquery("fa")
-        cols = _grid_columns(fa, day)
-        where = grid_where(filter_model, cols)  # validated before any query runs
+        # One pass: each visible open episode (partial index, in id order) with its open
+        # flags (covering partial index), grouped by episode; the counts are aggregates.
+        counts: dict[str, sa.ColumnElement[Any]] = {
+            s: sa.func.sum(sa.case((flags.c.severity == s, 1), else_=0))
+            for s in SEVERITY_ORDER}
+        counts["risk"] = sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0))
+        cols = _grid_columns(counts, day)
+        # Validated before any query runs; counts are filtered after grouping.
+        where = grid_where(filter_model, cols, aggregate=False)
+        having = grid_where(filter_model, cols, aggregate=True)
         order = grid_order(sort_model, cols)
-        default = [cols["risk_label"].expr.desc(), cols["flags_urgent"].expr.desc(),
-                   cols["flags_review"].expr.desc(), episodes.c.start_date.asc()]
-        # LEFT JOINs on unique keys: the database drops the ones no term uses.
-        joined = (episodes.outerjoin(fa, fa.c.episode_id == episodes.c.episode_id)
-                  .outerjoin(clients, clients.c.client_id == episodes.c.client_id)
-                  .outerjoin(therapists, therapists.c.therapist_id == episodes.c.therapist_id)
-                  .outerjoin(caseload_table,
-                             caseload_table.c.episode_id == episodes.c.episode_id))
+        default = [counts["risk"].desc(), counts["urgent"].desc(), counts["review"].desc(),
+                   sa.func.max(episodes.c.start_date).asc()]
+        # The flag condition is a literal: SQLite uses a partial index only when the
+        # query's condition matches the index's own. Other tables are joined only when a
+        # filter or sort uses them (SQLite keeps unused LEFT JOINs in a grouped query).
+        joined = episodes.outerjoin(flags, (flags.c.episode_id == episodes.c.episode_id)
+                                    & (flags.c.state == sa.literal_column("'open'")))
+        used = {getattr(element, "table", None) for term in (*where, *having, *order)
+                for element in visitors.iterate(term)}
+        for table, on in ((clients, clients.c.client_id == episodes.c.client_id),
+                          (therapists, therapists.c.therapist_id == episodes.c.therapist_id),
+                          (caseload_table,
+                           caseload_table.c.episode_id == episodes.c.episode_id)):
+            if table in used:
+                joined = joined.outerjoin(table, on)
         query = (sa.select(episodes.c.episode_id).select_from(joined).where(cond, *where)
+                 .group_by(episodes.c.episode_id).having(sa.and_(sa.true(), *having))
                  .order_by(*order, *default, episodes.c.episode_id))
         with self.store.snapshot() as conn:
             return [r[0] for r in conn.execute(query)]

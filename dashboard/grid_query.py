@@ -49,6 +49,10 @@ class GridColumn:
     kind: str = "text"
     compare: Callable[[str, float], Clause] | None = None
     descending_expr: bool = False
+    #: An aggregate over joined rows (a count): filtered in HAVING, not WHERE.
+    aggregate: bool = False
+    #: What to sort on when it differs from ``expr`` (in a grouped query, max(expr)).
+    sort_expr: sa.ColumnElement[Any] | None = None
 
 
 def _text(col: GridColumn, cond: Mapping[str, Any]) -> Clause:
@@ -123,8 +127,11 @@ def _number(col: GridColumn, cond: Mapping[str, Any]) -> Clause:
     return cmp(op, a)
 
 
-def grid_where(filter_model: Any, columns: Mapping[str, GridColumn]) -> list[Clause]:
-    """SQL conditions for an AG Grid ``filterModel`` (``None`` or ``{}``: none)."""
+def grid_where(filter_model: Any, columns: Mapping[str, GridColumn],
+               aggregate: bool | None = None) -> list[Clause]:
+    """SQL conditions for an AG Grid ``filterModel`` (``None`` or ``{}``: none); with
+    ``aggregate``, only those on (``True``, for HAVING) or not on (``False``, for
+    WHERE) aggregate columns. Every column named is validated either way."""
     if filter_model is None:
         return []
     if not isinstance(filter_model, dict):
@@ -135,9 +142,12 @@ def grid_where(filter_model: Any, columns: Mapping[str, GridColumn]) -> list[Cla
         if col is None or not isinstance(model, dict):
             raise UsageError("no such filterable column", column=col_id)
         one = _text if col.kind == "text" else _number
+        keep = aggregate is None or col.aggregate == aggregate
         conditions = model.get("conditions")
         if conditions is None:
-            out.append(one(col, model))
+            clause = one(col, model)
+            if keep:
+                out.append(clause)
             continue
         operator = model.get("operator")
         if (not isinstance(conditions, list) or not 0 < len(conditions) <= _MAX_CONDITIONS
@@ -146,7 +156,8 @@ def grid_where(filter_model: Any, columns: Mapping[str, GridColumn]) -> list[Cla
             raise UsageError("a combined filter needs AND/OR and 1-4 conditions",
                              column=col_id)
         parts = [one(col, c) for c in conditions]
-        out.append(sa.and_(*parts) if operator == "AND" else sa.or_(*parts))
+        if keep:
+            out.append(sa.and_(*parts) if operator == "AND" else sa.or_(*parts))
     return out
 
 
@@ -167,5 +178,6 @@ def grid_order(sort_model: Any, columns: Mapping[str, GridColumn]
             raise UsageError("no such sortable column or direction",
                              column=col_id, sort=direction)
         descending = (direction == "desc") != col.descending_expr
-        out.append((col.expr.desc() if descending else col.expr.asc()).nulls_last())
+        expr = col.sort_expr if col.sort_expr is not None else col.expr
+        out.append((expr.desc() if descending else expr.asc()).nulls_last())
     return out

@@ -255,8 +255,9 @@ flags = sa.Table(
     sa.Column("resolved_at", sa.DateTime),
     sa.UniqueConstraint("episode_id", "measure", "kind", "key", name="uq_flag"),
     sa.Index("ix_flags_kind_state", "kind", "state"),
-    # Open-flag counts per episode (caseload ordering) come from this index alone.
-    sa.Index("ix_flags_open", "episode_id", "severity", "kind",
+    # Open-flag counts per episode (caseload ordering) come from this index alone
+    # (``state`` listed too, or SQLite reads each row to check the condition).
+    sa.Index("ix_flags_open_episode", "episode_id", "state", "severity", "kind",
              sqlite_where=sa.text("state = 'open'"), postgresql_where=sa.text("state = 'open'")),
     # Time to review reads the few acknowledged flags, not the whole table.
     sa.Index("ix_flags_acknowledged", "acknowledged_at",
@@ -515,6 +516,7 @@ class Store:
         have = {c["name"] for c in sa.inspect(conn).get_columns("compute_runs")}
         if "scope_state" not in have:
             conn.execute(sa.text("ALTER TABLE compute_runs ADD COLUMN scope_state TEXT"))
+        conn.execute(sa.text("DROP INDEX IF EXISTS ix_flags_open"))  # superseded
         for table in metadata.sorted_tables:
             for index in table.indexes:
                 index.create(conn, checkfirst=True)

@@ -304,7 +304,7 @@ def test_init_adds_later_indexes_and_fills_the_service_cells(store: Store,
     settings = Settings()
     ingest_paths([SAMPLE_INPUT], store, settings, registry)
     compute(store, settings, registry)
-    later = {"ix_episodes_open", "ix_flags_open", "ix_flags_acknowledged"}
+    later = {"ix_episodes_open", "ix_flags_open_episode", "ix_flags_acknowledged"}
     with store.engine.begin() as conn:
         for name in later:
             conn.execute(sa.text(f"DROP INDEX {name}"))

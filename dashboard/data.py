@@ -34,6 +34,7 @@ from dashboard.grid_query import GridColumn, grid_order, grid_where
 from pipeline.config import Settings
 from pipeline.errors import UsageError
 from pipeline.export import export_dataset, zip_export
+from pipeline.flags import review_due
 from pipeline.scales import Registry
 from pipeline.stats.service import METRICS, rates_from_counts
 from pipeline.store import (
@@ -70,18 +71,25 @@ TREND_LABELS = {"improving": "↓ improving", "worsening": "↑ worsening", "fla
                 "too few": "· too few"}
 
 
+#: A literal, not a bound parameter: SQLite uses a partial index only when the query's
+#: condition matches the index's own (ix_flags_open_episode).
+_FLAG_OPEN = flags.c.state == sa.literal_column("'open'")
+
+
+def _flag_counts() -> dict[str, sa.ColumnElement[Any]]:
+    """Aggregates over an episode's open flags: a count per severity, and ``risk`` (1
+    when an endorsed risk item is among them)."""
+    counts: dict[str, sa.ColumnElement[Any]] = {
+        s: sa.func.sum(sa.case((flags.c.severity == s, 1), else_=0)) for s in SEVERITY_ORDER}
+    counts["risk"] = sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0))
+    return counts
+
+
 def _open_flag_counts(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
-    """Open flags per episode: counts by severity and whether a risk item is among them
-    (read from the partial index of open flags)."""
-    return sa.select(
-        flags.c.episode_id,
-        *[sa.func.sum(sa.case((flags.c.severity == s, 1), else_=0)).label(s)
-          for s in SEVERITY_ORDER],
-        sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0)).label("risk"),
-    # A literal, not a bound parameter: SQLite uses a partial index only when the
-    # query's condition matches the index's own.
-    ).where((flags.c.state == sa.literal_column("'open'")) & where) \
-        .group_by(flags.c.episode_id)
+    """Open flags per episode (:func:`_flag_counts`), one row per episode."""
+    return sa.select(flags.c.episode_id,
+                     *[expr.label(name) for name, expr in _flag_counts().items()]) \
+        .where(_FLAG_OPEN & where).group_by(flags.c.episode_id)
 
 
 def _grid_columns(counts: dict[str, sa.ColumnElement[Any]], day: date
@@ -110,7 +118,6 @@ def _grid_columns(counts: dict[str, sa.ColumnElement[Any]], day: date
             parts.append(episodes.c.start_date > started_by(hi + 1))
         return sa.and_(*parts)
 
-    n = counts
     text = {"team": episodes.c.team, "therapist_id": episodes.c.therapist_id,
             "therapist": therapists.c.name,
             "client_link": sa.func.trim(sa.func.coalesce(clients.c.given_name, "") + " " +
@@ -125,9 +132,9 @@ def _grid_columns(counts: dict[str, sa.ColumnElement[Any]], day: date
     cols = {k: GridColumn(v, sort_expr=sa.func.max(v)) for k, v in text.items()}
     cols.update({k: GridColumn(v, "number", sort_expr=sa.func.max(v))
                  for k, v in numbers.items()})
-    cols.update({f"flags_{s}": GridColumn(n[s], "number", aggregate=True)
+    cols.update({f"flags_{s}": GridColumn(counts[s], "number", aggregate=True)
                  for s in SEVERITY_ORDER})
-    cols["risk_label"] = GridColumn(sa.case((n["risk"] > 0, "RISK"), else_=""),
+    cols["risk_label"] = GridColumn(sa.case((counts["risk"] > 0, "RISK"), else_=""),
                                     aggregate=True)
     cols["weeks"] = GridColumn(episodes.c.start_date, "number", compare=weeks,
                                descending_expr=True,
@@ -251,10 +258,7 @@ class DataAccess:
         cond = episode_clause(viewer) & episodes.c.end_date.is_(None)
         # One pass: each visible open episode (partial index, in id order) with its open
         # flags (covering partial index), grouped by episode; the counts are aggregates.
-        counts: dict[str, sa.ColumnElement[Any]] = {
-            s: sa.func.sum(sa.case((flags.c.severity == s, 1), else_=0))
-            for s in SEVERITY_ORDER}
-        counts["risk"] = sa.func.max(sa.case((flags.c.kind == "risk_item", 1), else_=0))
+        counts = _flag_counts()
         cols = _grid_columns(counts, day)
         # Validated before any query runs; counts are filtered after grouping.
         where = grid_where(filter_model, cols, aggregate=False)
@@ -262,11 +266,10 @@ class DataAccess:
         order = grid_order(sort_model, cols)
         default = [counts["risk"].desc(), counts["urgent"].desc(), counts["review"].desc(),
                    sa.func.max(episodes.c.start_date).asc()]
-        # The flag condition is a literal: SQLite uses a partial index only when the
-        # query's condition matches the index's own. Other tables are joined only when a
-        # filter or sort uses them (SQLite keeps unused LEFT JOINs in a grouped query).
+        # Other tables are joined only when a filter or sort uses them (SQLite keeps
+        # unused LEFT JOINs in a grouped query).
         joined = episodes.outerjoin(flags, (flags.c.episode_id == episodes.c.episode_id)
-                                    & (flags.c.state == sa.literal_column("'open'")))
+                                    & _FLAG_OPEN)
         used = {getattr(element, "table", None) for term in (*where, *having, *order)
                 for element in visitors.iterate(term)}
         for table, on in ((clients, clients.c.client_id == episodes.c.client_id),
@@ -302,13 +305,9 @@ class DataAccess:
             # Flags and reviews are read live: a review or a risk answer changes them
             # between computes.
             fl = _frame(conn, _open_flag_counts(flags.c.episode_id.in_(ids)), raw=True)
-            rv = _frame(conn, sa.select(
-                reviews.c.episode_id, sa.func.max(reviews.c.reviewed_at).label("reviewed_at"),
-                sa.func.max(reviews.c.review_id).label("review_id"))
-                .where(reviews.c.episode_id.in_(ids)).group_by(reviews.c.episode_id))
-            nxt = _frame(conn, sa.select(reviews.c.review_id, reviews.c.next_review).where(
-                reviews.c.review_id.in_(rv["review_id"].astype(int).tolist()))) \
-                if not rv.empty else pd.DataFrame(columns=["review_id", "next_review"])
+            rv = _frame(conn, sa.select(reviews.c.review_id, reviews.c.episode_id,
+                                        reviews.c.reviewed_at, reviews.c.next_review)
+                        .where(reviews.c.episode_id.in_(ids)))
         out["client"] = (out["given_name"].fillna("") + " " +
                          out["family_name"].fillna("")).str.strip()
         out["weeks"] = ((pd.Timestamp(today) - _ts(out["start_date"])).dt.days // 7) \
@@ -317,11 +316,10 @@ class DataAccess:
         for sev in ("urgent", "review", "info"):
             out[f"flags_{sev}"] = out["episode_id"].map(fl[sev]).fillna(0).astype(int)
         out["risk"] = out["episode_id"].map(fl["risk"]).fillna(0).astype(int) > 0
-        rv = rv.merge(nxt, on="review_id", how="left").set_index("episode_id")
-        base = _ts(out["episode_id"].map(rv["reviewed_at"])).fillna(_ts(out["start_date"]))
-        due = _ts(out["episode_id"].map(rv["next_review"])).fillna(
-            base + pd.Timedelta(weeks=self.settings.review_overdue_weeks))
-        out["next_review"] = due.dt.strftime("%Y-%m-%d")
+        # The same due date the review_overdue rule judges by.
+        _, due = review_due(out[["episode_id", "start_date"]], rv,
+                            self.settings.review_overdue_weeks)
+        out["next_review"] = due.dt.strftime("%Y-%m-%d").to_numpy()
         position = {e: i for i, e in enumerate(ids)}
         out = out.iloc[np.argsort(out["episode_id"].map(position).to_numpy(), kind="stable")]
         return out.drop(columns=["given_name", "family_name"]).reset_index(drop=True)

@@ -323,10 +323,13 @@ def review_due(episodes: pd.DataFrame, reviews: pd.DataFrame, weeks: float
     """When each episode's plan review falls due: the next review date set at the latest
     review, else ``weeks`` after the latest review (or the start). Returns the episodes
     with ``last_review``/``next_review`` and the due dates."""
-    latest = reviews.sort_values("review_id", kind="stable") if "review_id" in reviews \
+    ordered = reviews.sort_values("review_id", kind="stable") if "review_id" in reviews \
         else reviews
-    last = latest.groupby("episode_id").agg(
-        last_review=("reviewed_at", "max"), next_review=("next_review", "last"))
+    # The latest review's own next date: an earlier review's date is superseded even
+    # when the latest one set none (groupby "last" would skip to it).
+    latest = ordered.drop_duplicates("episode_id", keep="last").set_index("episode_id")
+    last = pd.DataFrame({"last_review": ordered.groupby("episode_id")["reviewed_at"].max(),
+                         "next_review": latest["next_review"]})
     e = episodes.merge(last, left_on="episode_id", right_index=True, how="left")
     since = _dt(e["last_review"]).fillna(_dt(e["start_date"]))
     return e, _dt(e["next_review"]).fillna(since + pd.Timedelta(weeks=weeks))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pandas as pd
@@ -92,6 +93,9 @@ def test_blocks_page_through_the_default_order(grid: tuple[DataAccess, pd.DataFr
     for col in ("weeks", "flags_urgent", "flags_review", "flags_info", "risk", "client",
                 "team"):
         assert df[col].tolist() == want[col].tolist(), col
+    # The sample has no plan reviews: the next one is due 6 weeks after the start.
+    assert df["next_review"].tolist() == [
+        (d + timedelta(weeks=6)).isoformat() for d in want["start_date"]]
 
 
 def test_sorting_by_a_column_keeps_urgency_as_the_tie_break(

@@ -404,3 +404,21 @@ def test_incremental_flags_equal_a_full_evaluation(tmp_path: Path, store: Store,
     for name in inc:
         pd.testing.assert_frame_equal(inc[name], full[name], check_dtype=False, obj=name)
     assert len(inc["flags"]) > 100
+
+
+def test_review_due_takes_the_latest_reviews_own_next_date() -> None:
+    """A later review that sets no next date supersedes an earlier one's: due N weeks
+    after it, not on the earlier review's date (hand-computed)."""
+    from pipeline.flags import review_due
+
+    eps = pd.DataFrame({"episode_id": ["A", "B", "C"],
+                        "start_date": ["2026-01-05", "2026-01-05", "2026-01-05"]})
+    rv = pd.DataFrame({"review_id": [2, 1, 3],
+                       "episode_id": ["A", "A", "B"],
+                       "reviewed_at": pd.to_datetime(["2026-03-02 10:00", "2026-02-02 10:00",
+                                                      "2026-02-16 09:00"]),
+                       "next_review": [None, "2026-02-20", "2026-04-01"]})
+    _, due = review_due(eps, rv, 6)
+    assert [str(d) for d in due] == ["2026-04-13 10:00:00",   # 2 Mar + 6 weeks
+                                     "2026-04-01 00:00:00",   # the date B's review set
+                                     "2026-02-16 00:00:00"]   # C: 5 Jan + 6 weeks

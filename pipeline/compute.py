@@ -126,7 +126,7 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
     -------
     (reference, norms table)
     """
-    return reference_from_partials(partials(admins, set(ended), registry, grouped), registry,
+    return reference_from_partials(partials(admins, ended, registry, grouped), registry,
                                    settings, use_defaults=use_defaults)
 
 

@@ -43,8 +43,7 @@ __all__ = ["compute_parquet"]
 
 def _partials_of(path: str, registry: Registry) -> Partials:
     a = read_partition(path)
-    ended = set(a.loc[a["ended"], "episode_id"])
-    return partials(a.drop(columns="ended"), ended, registry)
+    return partials(a.drop(columns="ended"), a.loc[a["ended"], "episode_id"], registry)
 
 
 def _outcomes_of(path: str, out_dir: str, registry: Registry, settings: Settings,

@@ -233,3 +233,25 @@ def test_no_pairs_gives_empty_frame() -> None:
     res = sudden_gains([[N, 10, N, 12]], cutoff=6)
     assert res.empty
     assert {"crit1", "crit2", "crit3", "gain"} <= set(res.columns)
+
+
+@pytest.mark.parametrize("losses", [False, True])
+@pytest.mark.parametrize("higher", [False, True])
+def test_candidates_only_keeps_the_pairs_meeting_criteria_1_and_2(losses: bool,
+                                                                 higher: bool) -> None:
+    """The scan used in production returns exactly the pairs of the full result that meet
+    criteria 1 and 2, each row unchanged, so its gains are the full result's gains."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 28, (300, 12)).astype(float)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    full = sudden_gains(x, cutoff=6, higher_is_better=higher, losses=losses)
+    some = sudden_gains(x, cutoff=6, higher_is_better=higher, losses=losses,
+                        candidates_only=True)
+    meets = full["crit1"].fillna(False).astype(bool)
+    if not losses:
+        meets &= full["crit2"].fillna(False).astype(bool)
+    expected = full[meets].reset_index(drop=True)
+    assert 20 < len(some) < len(full)
+    pd.testing.assert_frame_equal(some, expected)
+    assert full["gain"].fillna(False).astype(bool).sum() == \
+        some["gain"].fillna(False).astype(bool).sum() > 0

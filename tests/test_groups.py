@@ -46,3 +46,19 @@ def test_group_order_equals_a_stable_sort(seed: int) -> None:
 def test_empty() -> None:
     g = group_administrations(frame(1).iloc[:0])
     assert g.n_groups == 0 and g.frame.empty
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_rows_already_in_time_order_keep_the_stable_order(seed: int) -> None:
+    """Rows in time order (as ingest stores them) are ordered by the group key alone;
+    the result must still be the stable sort's, ties included, and the column readers
+    must return the ordered values."""
+    a = frame(seed).sort_values("administered_at", kind="stable").reset_index(drop=True)
+    a["row"] = np.arange(len(a))
+    g = group_administrations(a)
+    expected = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    assert g.frame["row"].tolist() == expected["row"].tolist()
+    assert g.values("score").tolist() == expected["score"].tolist()
+    heads = expected.drop_duplicates(["episode_id", "measure"])
+    pd.testing.assert_frame_equal(g.first(["episode_id", "measure"]),
+                                  heads[["episode_id", "measure"]].reset_index(drop=True))

@@ -172,3 +172,27 @@ def test_theil_sen_on_many_group_sizes_matches_scipy() -> None:
         else:  # fewer than 3 points, or all on one day: no trend
             assert np.isnan(out.loc[key, "theil_sen_week"])
     assert checked > 250
+
+
+@pytest.mark.parametrize("layout", ["no ties", "all tied", "mixed"])
+def test_theil_sen_by_size_with_and_without_tied_days(layout: str) -> None:
+    """Groups of one size take one of three paths (every pair valid: the middle pairs by
+    partition; some days shared: a sort, NaNs last; or both in one size): each group
+    against scipy.stats.theilslopes on that group alone, odd and even pair counts."""
+    rng = np.random.default_rng({"no ties": 1, "all tied": 2, "mixed": 3}[layout])
+    groups: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for m in (3, 4, 5, 6, 9, 12, 16, 25):  # 3, 6, 10, 15, 36, 66, 120 and 300 pairs
+        for i in range(40):
+            tied = layout == "all tied" or (layout == "mixed" and i % 2 == 0)
+            days = np.sort(rng.choice(150, m, replace=False))
+            if tied:
+                days[int(rng.integers(1, m))] = days[0] if m == 3 else days[1]
+                days = np.sort(days)
+            groups[(f"E{m}-{i:02d}", "PHQ-9")] = (days.tolist(), rng.integers(0, 28, m).tolist())
+    out = by_key(grouped_trend(long_frame(groups), ["episode_id", "measure"]))
+    for key, (days, ys) in groups.items():
+        if len(set(days)) < 2:
+            assert np.isnan(out.loc[key, "theil_sen_week"])
+            continue
+        expected = 7 * stats.theilslopes(ys, days).slope
+        assert_allclose(out.loc[key, "theil_sen_week"], expected, rtol=1e-12, atol=1e-12)

@@ -34,7 +34,7 @@ def _window_stats(x: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarr
 
 def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
                  alpha: float = 0.05, higher_is_better: bool = False,
-                 losses: bool = False) -> pd.DataFrame:
+                 losses: bool = False, candidates_only: bool = False) -> pd.DataFrame:
     """Evaluate every pair of consecutive scored sessions for a sudden gain (or loss).
 
     Parameters
@@ -54,6 +54,10 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
     losses
         Look for sudden losses instead: criteria 1 and 3 mirrored; criterion 2 does not
         apply (SPEC §6) and is NA.
+    candidates_only
+        Return only the pairs that meet criteria 1 and 2 (the only pairs that can be a
+        gain), so criterion 3 is computed for them alone; every row returned is as it
+        would be in the full result.
 
     Returns
     -------
@@ -101,6 +105,11 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
             continue
         rows = np.flatnonzero(both)
         change = sign * (a[rows] - b[rows])
+        if candidates_only:
+            hit = (change >= cutoff) & ((change >= pct * a[rows]) if not losses else True)
+            rows, change = rows[hit], change[hit]
+            if rows.size == 0:
+                continue
         crit1 = change >= cutoff
         if losses:
             crit2 = pd.array([pd.NA] * rows.size, dtype="boolean")

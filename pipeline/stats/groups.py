@@ -1,16 +1,25 @@
 """Administrations ordered into episode x measure groups, once, for every statistic.
 
-Each statistic of a partition needs the same thing first: the rows sorted by
-``(episode_id, measure, administered_at)`` with a group code, the group boundaries and
-each row's position in its group. Sorting text keys is the costliest step of a pass, so
-the keys are factorised (hashing) into integer codes whose order is the text order, and
-the three integer keys are sorted by one stable ``np.lexsort``: the same order as
-``DataFrame.sort_values(kind="stable")``, in about two thirds of the time.
+Each statistic of a partition needs the same thing first: the rows in
+``(episode_id, measure, administered_at)`` order with a group code, the group
+boundaries and each row's position in its group. Sorting text keys is the costliest
+step of a pass, so the keys are factorised (hashing) into integer codes whose order is
+the text order, and only the integer group key is sorted (a stable sort, so rows of a
+group keep their input order). Rows usually arrive in time order within an episode
+(ingest order); when they do not, a stable ``np.lexsort`` on ``(time, group key)``
+orders them. Either way the order is that of ``DataFrame.sort_values(kind="stable")``
+on the three keys.
+
+The frame itself is not reordered: statistics read the columns they need through
+:meth:`Grouped.values` (every row, in group order) or :meth:`Grouped.first` (one value
+per group), so text columns are gathered only at the group starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,16 +30,18 @@ __all__ = ["Grouped", "group_administrations"]
 
 @dataclass(frozen=True)
 class Grouped:
-    """Administrations sorted by group and time, with the group structure as arrays."""
+    """Administrations in group and time order, with the group structure as arrays."""
 
-    #: the administrations, sorted; index 0..n-1.
-    frame: pd.DataFrame
-    #: group code of each row, 0..n_groups-1 in (episode_id, measure) order.
+    #: the administrations as given (not reordered).
+    source: pd.DataFrame
+    #: row positions of ``source`` in group order.
+    order: npt.NDArray[np.int64]
+    #: group code of each ordered row, 0..n_groups-1 in (episode_id, measure) order.
     gid: npt.NDArray[np.int64]
-    #: first and last row (inclusive) of each group.
+    #: first and last ordered row (inclusive) of each group.
     starts: npt.NDArray[np.int64]
     ends: npt.NDArray[np.int64]
-    #: 1-based position of each row in its group (the administration number).
+    #: 1-based position of each ordered row in its group (the administration number).
     k: npt.NDArray[np.int64]
 
     @property
@@ -41,9 +52,25 @@ class Grouped:
     def sizes(self) -> npt.NDArray[np.int64]:
         return self.ends - self.starts + 1
 
+    def values(self, column: str, dtype: Any = None, na_value: Any = None) -> np.ndarray:
+        """``column`` as a numpy array (``Series.to_numpy`` options), in group order."""
+        series = self.source[column]
+        array = series.to_numpy(dtype=dtype) if na_value is None else \
+            series.to_numpy(dtype=dtype, na_value=na_value)
+        return np.asarray(array)[self.order]
+
+    def first(self, columns: list[str]) -> pd.DataFrame:
+        """``columns`` at each group's first row: one row per group, index 0..n-1."""
+        return self.source[columns].take(self.order[self.starts]).reset_index(drop=True)
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        """The whole frame in group order (every column gathered: for tests and tools)."""
+        return self.source.take(self.order).reset_index(drop=True)
+
 
 def group_administrations(admins: pd.DataFrame) -> Grouped:
-    """Sort ``admins`` into episode x measure groups (stable: ties keep input order).
+    """Order ``admins`` into episode x measure groups (stable: ties keep input order).
 
     Parameters
     ----------
@@ -53,17 +80,22 @@ def group_administrations(admins: pd.DataFrame) -> Grouped:
     n = len(admins)
     if n == 0:
         empty = np.array([], dtype=np.int64)
-        return Grouped(admins.reset_index(drop=True), empty, empty, empty, empty)
+        return Grouped(admins.reset_index(drop=True), empty, empty, empty, empty, empty)
     episode = pd.factorize(admins["episode_id"], sort=True)[0].astype(np.int64)
     measure = pd.factorize(admins["measure"], sort=True)[0].astype(np.int64)
     at = admins["administered_at"].to_numpy().astype("datetime64[us]").view(np.int64)
-    order = np.lexsort((at, measure, episode))
-    key = episode[order] * (int(measure.max()) + 1) + measure[order]
+    group_key = episode * (int(measure.max()) + 1) + measure
+    order = np.argsort(group_key, kind="stable")
+    key = group_key[order]
     new = np.empty(n, dtype=bool)
     new[0] = True
     np.not_equal(key[1:], key[:-1], out=new[1:])
+    t = at[order]
+    if not bool(np.all(new[1:] | (t[1:] >= t[:-1]))):
+        # Some group's rows are not in time order: sort by time within groups too.
+        order = np.lexsort((at, group_key))
     gid = np.cumsum(new, dtype=np.int64) - 1
     starts = np.flatnonzero(new).astype(np.int64)
     ends = np.r_[starts[1:], n].astype(np.int64) - 1
     k = np.arange(n, dtype=np.int64) - starts[gid] + 1
-    return Grouped(admins.take(order).reset_index(drop=True), gid, starts, ends, k)
+    return Grouped(admins.reset_index(drop=True), order.astype(np.int64), gid, starts, ends, k)

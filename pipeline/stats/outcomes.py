@@ -73,26 +73,23 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
         return pd.DataFrame(columns=["episode_id", "measure"]), \
             pd.DataFrame(columns=SUDDEN_COLUMNS)
     g = grouped if grouped is not None else group_administrations(admins)
-    a = g.frame
     gid_np, starts, ends, k = g.gid, g.starts, g.ends, g.k
     n_groups = g.n_groups
-    score = a["score"].to_numpy(dtype=np.int64)
-    date = a["administered_at"].to_numpy().astype("datetime64[D]")
+    score = g.values("score", dtype=np.int64)
+    at = g.values("administered_at")
+    date = at.astype("datetime64[D]")
     day = (date - date[starts][gid_np]).astype(np.int64)
-    a = a.copy(deep=False)
-    a["day"] = day
-    a["k"] = k
 
-    out = a.loc[starts, ["episode_id", "measure"]].reset_index(drop=True)
+    out = g.first(["episode_id", "measure"])
     measure = out["measure"]
     n = (ends - starts + 1).astype(np.int64)
     first = score[starts]
     last = score[ends]
     out["n"] = n
     out["first_score"] = first
-    out["first_at"] = a["administered_at"].to_numpy()[starts]
+    out["first_at"] = at[starts]
     out["last_score"] = last
-    out["last_at"] = a["administered_at"].to_numpy()[ends]
+    out["last_at"] = at[ends]
     out["min_score"] = np.minimum.reduceat(score, starts) if starts.size else []
     out["max_score"] = np.maximum.reduceat(score, starts) if starts.size else []
     span_days = day[ends]
@@ -209,7 +206,9 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out.loc[~judged, "not_on_track"] = pd.NA
     out["not_on_track_consecutive"] = judged & not_ok & prev_judged & prev_not_ok
 
-    sudden = _sudden(a, gid_np, starts, out, registry)
+    session = g.values("session_number", dtype=float, na_value=np.nan) \
+        if "session_number" in admins.columns else None
+    sudden = _sudden(score, k, session, gid_np, starts, out, registry)
     counts = sudden.groupby(["episode_id", "measure", "kind"]).agg(
         n=("pregain_session", "size"), first=("pregain_session", "min")).reset_index()
     for kind, n_col, first_col in (("gain", "sudden_gains", "first_sudden_gain"),
@@ -223,29 +222,56 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     return out, sudden
 
 
-def _sudden(a: pd.DataFrame, gid: np.ndarray, starts: np.ndarray, out: pd.DataFrame,
-            registry: Registry) -> pd.DataFrame:
+def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: np.ndarray,
+            starts: np.ndarray, out: pd.DataFrame, registry: Registry) -> pd.DataFrame:
     """Sudden gains and losses through :func:`sudden_gains` (one shared implementation).
 
     Scores are placed by ``session_number`` when every administration of the group has a
     distinct one (so a missing session leaves a gap), else by administration order.
+    Arrays are per administration in group order (:class:`Grouped`).
     """
     n_groups = starts.size
     if n_groups == 0:
         return pd.DataFrame(columns=SUDDEN_COLUMNS)
-    col = a["k"].to_numpy() - 1
-    if "session_number" in a.columns:
-        sn = a["session_number"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-        has_all = np.logical_and.reduceat(~np.isnan(sn), starts)[gid]
-        dup = pd.DataFrame({"gid": gid, "sn": sn}).duplicated(["gid", "sn"]).to_numpy()
-        any_dup = np.logical_or.reduceat(dup, starts)[gid]
-        usable = has_all & ~any_dup
+    col = k - 1
+    if session is not None:
+        sn = session
+        has_all = np.logical_and.reduceat(~np.isnan(sn), starts)
+        # Session numbers rising within a group are distinct: one pass. Only a group
+        # where they do not rise is sorted to look for a repeated number.
+        rising = np.ones(sn.size, dtype=bool)
+        rising[1:] = (gid[1:] != gid[:-1]) | (sn[1:] > sn[:-1])
+        distinct = np.logical_and.reduceat(rising, starts)
+        suspect = has_all & ~distinct
+        if suspect.any():
+            rows = np.flatnonzero(suspect[gid])
+            o = np.lexsort((sn[rows], gid[rows]))
+            gs, ss = gid[rows][o], sn[rows][o]
+            repeated = gs[1:][(gs[1:] == gs[:-1]) & (ss[1:] == ss[:-1])]
+            distinct[suspect] = True
+            distinct[repeated] = False
+        usable = (has_all & distinct)[gid]
         col = np.where(usable, np.nan_to_num(sn, nan=1).astype(np.int64) - 1, col)
     keep = (col >= 0) & (col < max_gain_columns)
     width = int(col[keep].max()) + 1 if keep.any() else 1
-    matrix = np.full((n_groups, width), np.nan)
-    matrix[gid[keep], col[keep]] = a["score"].to_numpy(dtype=float)[keep]
-    measures = out["measure"].to_numpy()
+    # Criterion 1 needs a change of at least the scale's points between consecutive
+    # sessions, so only groups with such a pair (found on the rows, in order) go into
+    # the session matrix; a group whose sessions are not in row order goes in unchecked.
+    points = out["measure"].map({c: s.reliable_change_points for c, s in registry.items()})
+    points_row = points.to_numpy(dtype=float, na_value=np.nan)[gid]
+    same = gid[1:] == gid[:-1]
+    pair = same & keep[1:] & keep[:-1] & (col[1:] == col[:-1] + 1)
+    with np.errstate(invalid="ignore"):
+        big = pair & (np.abs(score[:-1] - score[1:]) >= points_row[1:])
+    unordered = same & (col[1:] <= col[:-1])
+    flagged = np.zeros(n_groups, dtype=bool)
+    flagged[gid[1:][big | unordered]] = True
+    groups = np.flatnonzero(flagged)
+    inside = flagged[gid] & keep
+    slot = np.cumsum(flagged) - 1
+    matrix = np.full((groups.size, width), np.nan)
+    matrix[slot[gid[inside]], col[inside]] = score[inside]
+    measures = out["measure"].to_numpy()[groups]
     # Change from each session to the next (positive = the score fell); a pair with a
     # missing session is NaN and never a candidate.
     fall = matrix[:, :-1] - matrix[:, 1:]
@@ -268,14 +294,16 @@ def _sudden(a: pd.DataFrame, gid: np.ndarray, starts: np.ndarray, out: pd.DataFr
             rows_k = rows[cand]
             sub = matrix[rows_k]
             res = sudden_gains(sub, cutoff=scale.reliable_change_points,
-                               higher_is_better=scale.higher_is_better, losses=losses)
+                               higher_is_better=scale.higher_is_better, losses=losses,
+                               candidates_only=True)
             hit = res[res["gain"].fillna(False).astype(bool)]
             if hit.empty:
                 continue
-            r = rows_k[hit["row"].to_numpy()]
+            r = groups[rows_k[hit["row"].to_numpy()]]
             j = hit["pregain_session"].to_numpy()
             frames.append(pd.DataFrame({
-                "episode_id": out["episode_id"].to_numpy()[r], "measure": code, "kind": kind,
+                "episode_id": out["episode_id"].take(r).to_numpy(), "measure": code,
+                "kind": kind,
                 "pregain_session": j, "size": hit["change"].to_numpy(),
                 "score_before": sub[hit["row"].to_numpy(), j - 1],
                 "score_after": sub[hit["row"].to_numpy(), j],

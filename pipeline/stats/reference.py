@@ -24,12 +24,14 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 
+from pipeline.columns import is_in
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.stats.curves import (
@@ -59,7 +61,7 @@ class Partials:
     hist: pd.DataFrame
 
 
-def partials(admins: pd.DataFrame, ended: pd.Series | set[str],
+def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
              registry: Registry, grouped: Grouped | None = None) -> Partials:
     """The partial aggregates of the episodes in ``admins`` (all of each one's rows).
 
@@ -76,10 +78,9 @@ def partials(admins: pd.DataFrame, ended: pd.Series | set[str],
         return Partials(pd.DataFrame(columns=FIRSTS_COLUMNS),
                         pd.DataFrame(columns=HIST_COLUMNS))
     g = grouped if grouped is not None else group_administrations(admins)
-    a = g.frame
-    score = a["score"].to_numpy(dtype=np.int64)
-    measure = a["measure"].to_numpy()
-    f = pd.DataFrame({"measure": measure[g.starts], "x": score[g.starts]})
+    score = g.values("score", dtype=np.int64)
+    heads = g.first(["episode_id", "measure"])
+    f = pd.DataFrame({"measure": heads["measure"], "x": score[g.starts]})
     f["x2"] = f["x"] * f["x"]
     firsts = f.groupby("measure", observed=True).agg(
         n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum")).reset_index()
@@ -87,7 +88,7 @@ def partials(admins: pd.DataFrame, ended: pd.Series | set[str],
     band = baseline_band(f["measure"], f["x"], registry)
     m_code, m_names = pd.factorize(f["measure"], sort=True)
     b_code, b_names = pd.factorize(band, sort=True)
-    done_g = a["episode_id"].take(g.starts).isin(set(ended)).to_numpy()
+    done_g = is_in(heads["episode_id"], ended)
     done = done_g[g.gid]
     k, x = g.k[done], score[done]
     mb = (m_code.astype(np.int64) * len(b_names) + b_code)[g.gid[done]]

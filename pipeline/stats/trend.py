@@ -32,7 +32,8 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
     be sorted by group and by day within each group. Vectorised over groups: the groups
     of each size ``m`` are stacked into an ``(groups, m)`` matrix, their ``m(m-1)/2``
     pairwise slopes sorted along each row, and the median read at the middle of each
-    row's valid slopes; one pass per distinct group size, never per group. ``want``
+    row's valid slopes (a partition when every pair is valid); one pass per distinct
+    group size, never per group. ``want``
     (per group code) limits the work to the groups whose slope is reported.
     """
     out = np.full(n_groups, np.nan)
@@ -49,13 +50,37 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
     for m in np.unique(sizes[keep]):
         sel = np.flatnonzero(keep & (sizes == m))
         idx = starts[sel][:, None] + np.arange(m)
-        d, y = day[idx], score[idx]
-        i, j = np.triu_indices(int(m), 1)
-        dd = d[:, j] - d[:, i]
+        d, y = day[idx].astype(float), score[idx]
+        # Every pair (i, i + s): one block of columns per shift s, built from slices
+        # (the median does not depend on the order of the pairs).
+        width = int(m * (m - 1) // 2)
+        dd, dy = np.empty((sel.size, width)), np.empty((sel.size, width))
+        at = 0
+        for shift in range(1, int(m)):
+            np.subtract(d[:, shift:], d[:, :-shift], out=dd[:, at:at + m - shift])
+            np.subtract(y[:, shift:], y[:, :-shift], out=dy[:, at:at + m - shift])
+            at += int(m) - shift
+        # Days are sorted, so a group has a pair on one day iff two neighbours share it.
+        ties = (dd[:, :m - 1] == 0).any(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            slopes = np.where(dd != 0, (y[:, j] - y[:, i]) / dd, np.nan)
-        slopes.sort(axis=1)  # NaN (equal days) sort last
-        valid = (dd != 0).sum(axis=1)
+            slopes = np.divide(dy, dd, out=dy)
+        if ties.any():
+            slopes[dd == 0] = np.nan
+            valid = width - (dd == 0).sum(axis=1)
+        else:
+            valid = np.full(sel.size, width)
+        # Rows with every pair valid need only the two middle order statistics
+        # (a partition); rows with equal days are sorted, their NaNs last.
+        middle = [(width - 1) // 2, width // 2]
+        if not ties.any():
+            slopes.partition(middle, axis=1)
+        elif ties.all():
+            slopes.sort(axis=1)
+        else:
+            part, rest = slopes[~ties], slopes[ties]
+            part.partition(middle, axis=1)
+            rest.sort(axis=1)
+            slopes[~ties], slopes[ties] = part, rest
         rows = np.arange(sel.size)
         lo, hi = np.maximum(valid - 1, 0) // 2, valid // 2
         # Odd count: the middle value; even: the mean of the two middle values (as
@@ -129,7 +154,7 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
         # Sums over the contiguous groups in int64: exact (bincount would use float64).
         out = np.zeros(n_groups, dtype=np.int64)
         if contiguous:
-            out[gid[first]] = np.add.reduceat(v.astype(np.int64), first)
+            out[gid[first]] = np.add.reduceat(v.astype(np.int64, copy=False), first)
         else:
             np.add.at(out, gid, v)
         return out

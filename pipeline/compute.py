@@ -252,11 +252,12 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
     if previous is None or any(previous.get(k) != state[k] for k in ("settings", "registry")):
         return set(open_eps["episode_id"])
     then = datetime.fromisoformat(previous["clock"])
-    # review_overdue and goal status compare with the clock's date (due < date), and
-    # missing_measures with the clock itself (threshold < clock): a result can differ
-    # only for a date in [earlier date, later clock], both ends included.
-    lo = pd.Timestamp(min(then, now)).normalize()
-    hi = pd.Timestamp(max(then, now))
+    # review_overdue and goal status compare a date with the clock's date (due < date):
+    # a result differs between the two clocks only for a date in [earlier date, later
+    # date), empty when both clocks fall on one day. missing_measures compares with the
+    # clock itself (threshold < clock): [earlier clock, later clock).
+    lo, hi = pd.Timestamp(min(then, now)), pd.Timestamp(max(then, now))
+    lo_day, hi_day = lo.normalize(), hi.normalize()
     is_open = episodes.c.end_date.is_(None)
     open_q = sa.select(episodes.c.episode_id).where(is_open)
     rv = read_frame(conn, sa.select(reviews.c.review_id, reviews.c.episode_id,
@@ -272,8 +273,9 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
         return changed
     # A closed episode's goals are judged as of the earlier of its end and the clock:
     # with an end date still ahead of the earlier clock, they move with the clock too.
-    changed |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
-        episodes.c.end_date > lo.date()))}
+    if lo_day != hi_day:
+        changed |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
+            episodes.c.end_date > lo_day.date()))}
     _, due = flag_rules.review_due(open_eps, rv, settings.review_overdue_weeks)
     # The latest score: every administration has its episode x measure outcome row,
     # whose last_at is that group's latest (pipeline.stats.outcomes).
@@ -289,13 +291,13 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
                     .where(goals.c.episode_id.in_(open_q) & goals.c.due_date.is_not(None)),
                     raw=True)
 
-    def within(values: pd.Series) -> Any:
+    def within(values: pd.Series, start: pd.Timestamp, stop: pd.Timestamp) -> Any:
         v = pd.to_datetime(values.astype("object")).astype("datetime64[us]")
-        return ((v >= lo) & (v <= hi)).to_numpy(dtype=bool)
+        return ((v >= start) & (v < stop)).to_numpy(dtype=bool)
 
     ids = open_eps["episode_id"].to_numpy()
-    changed |= set(ids[within(due) | within(threshold)])
-    changed |= set(gd["episode_id"].to_numpy()[within(gd["due_date"])])
+    changed |= set(ids[within(due, lo_day, hi_day) | within(threshold, lo, hi)])
+    changed |= set(gd["episode_id"].to_numpy()[within(gd["due_date"], lo_day, hi_day)])
     return changed
 
 

@@ -96,6 +96,29 @@ def test_narrow_scope_gives_what_re_evaluating_every_open_episode_gives(
         a, b = _snapshot(narrow), _snapshot(wide)
         for table in TABLES:
             pd.testing.assert_frame_equal(a[table], b[table], obj=f"{table} after {what}")
+    # Within one day: the review and goal windows are empty, and missing_measures
+    # moves exactly with the clock. Take an open episode's missing-measures threshold
+    # T (its latest score + N weeks) and step from T - 30 min to T + 30 min (one day).
+    with narrow.engine.connect() as conn:
+        last = pd.read_sql(
+            "SELECT o.episode_id, MAX(o.last_at) AS last_at FROM outcomes o JOIN episodes e "
+            "ON e.episode_id = o.episode_id WHERE e.end_date IS NULL GROUP BY o.episode_id",
+            conn)
+    threshold = pd.to_datetime(last["last_at"]) + pd.Timedelta(
+        weeks=settings.missing_measures_weeks)
+    hours = threshold.dt.hour + threshold.dt.minute / 60
+    inside = threshold[(hours > 1) & (hours < 23)]
+    crossing = inside.max()
+    crossers = int((inside == crossing).sum())
+    for what, clock in (("just before a threshold", crossing - timedelta(minutes=30)),
+                        ("just after it, the same day", crossing + timedelta(minutes=30)),
+                        ("later the same day", crossing + timedelta(minutes=31))):
+        reports = [run(narrow, clock.to_pydatetime(), False),
+                   run(wide, clock.to_pydatetime(), True)]
+        scopes.append((what, reports[0].rule_scope, reports[1].rule_scope))
+        a, b = _snapshot(narrow), _snapshot(wide)
+        for table in TABLES:
+            pd.testing.assert_frame_equal(a[table], b[table], obj=f"{table} after {what}")
     # The narrow scope is the point: nothing to redo when the clock has not moved, a
     # part of the open episodes when it moved by a day (the sample's dates cluster
     # around its end, so that part is large here: 21 of 52).
@@ -103,6 +126,12 @@ def test_narrow_scope_gives_what_re_evaluating_every_open_episode_gives(
     assert by["same clock again"][0] == 0, scopes
     assert by["nothing new, a day later"][0] < by["nothing new, a day later"][1], scopes
     assert by["a review"][0] >= 1, scopes
+    # The same day: only the episodes whose threshold the clock passed.
+    assert by["just after it, the same day"][0] >= crossers >= 1, scopes
+    assert by["later the same day"][0] == 0, scopes
+    flags = narrow.read_table("flags")
+    missing = flags[(flags["kind"] == "missing_measures") & (flags["state"] == "open")]
+    assert set(last.loc[threshold == crossing, "episode_id"]) <= set(missing["episode_id"])
 
 
 def test_a_changed_setting_or_scale_re_evaluates_every_open_episode(store: Store) -> None:

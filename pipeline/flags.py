@@ -73,11 +73,10 @@ class RuleInput:
 
 
 def _fmt(x: Any, nd: int = 1) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "n/a"
     if isinstance(x, (float, np.floating)):
-        return f"{x:.{nd}f}".replace("-", "\u2212")
-    return str(x)
+        # x != x: NaN (np.isnan on a Python float costs more than the formatting)
+        return "n/a" if x != x else f"{x:.{nd}f}".replace("-", "\u2212")
+    return "n/a" if x is None else str(x)
 
 
 def _date(x: Any) -> str:
@@ -94,46 +93,23 @@ def _dt(values: pd.Series) -> pd.Series:
     return pd.to_datetime(values.astype("object")).astype("datetime64[us]")
 
 
-class _Row:
-    """One row of :func:`_records`: ``r[column]`` and ``r.get(column)``."""
-
-    __slots__ = ("_columns", "_i")
-
-    def __init__(self, columns: _Columns, i: int) -> None:
-        self._columns, self._i = columns, i
-
-    def __getitem__(self, name: str) -> Any:
-        return self._columns.values(name)[self._i]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self._columns.frame.columns else default
+def _lists(frame: pd.DataFrame, names: list[str]) -> dict[str, list[Any]]:
+    """The named columns as Python lists (the values ``to_dict(orient="records")``
+    gives), converting only the columns a rule reads (of the outcome table's ~60)."""
+    return {n: frame[n].tolist() if n in frame.columns else [None] * len(frame)
+            for n in names}
 
 
-class _Columns:
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame = frame
-        self._cache: dict[str, list[Any]] = {}
-
-    def values(self, name: str) -> list[Any]:
-        if name not in self._cache:
-            # The values to_dict(orient="records") gives, for this column only.
-            self._cache[name] = self.frame[[name]].to_dict(orient="list")[name]
-        return self._cache[name]
-
-
-def _records(frame: pd.DataFrame) -> list[_Row]:
-    """Rows of ``frame`` like ``to_dict(orient="records")``, converting only the columns
-    a rule reads (a rule reads a handful of the outcome table's ~60 columns)."""
-    columns = _Columns(frame)
-    return [_Row(columns, i) for i in range(len(frame))]
-
-
-def _frame(rows: list[dict[str, Any]], kind: str) -> pd.DataFrame:
-    if not rows:
+def _frame(columns: dict[str, Any], evidence: list[dict[str, Any]], kind: str
+           ) -> pd.DataFrame:
+    """Flags of one rule from its columns (lists, or one value for every flag)."""
+    if not evidence:
         return pd.DataFrame(columns=FLAG_COLUMNS)
-    df = pd.DataFrame(rows)
+    n = len(evidence)
+    df = pd.DataFrame({k: v if isinstance(v, list) else [v] * n for k, v in columns.items()})
     df["kind"] = kind
-    df["evidence"] = [json.dumps(e, sort_keys=True, default=str) for e in df["evidence"]]
+    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # as json.dumps(...)
+    df["evidence"] = [encode(e) for e in evidence]
     return df[FLAG_COLUMNS]
 
 
@@ -147,26 +123,26 @@ def _open_ids(inp: RuleInput) -> set[str]:
 def rule_risk_item(inp: RuleInput) -> pd.DataFrame:
     """Urgent: a risk item (e.g. PHQ-9 item 9) answered above 0."""
     a = inp.administrations
-    hit = a[a["risk"] == "yes"]
-    rows = []
-    for r in _records(hit):  # one row per flag raised, not per episode
-        scale = inp.registry[r["measure"]]
-        items = ", ".join(f"item {i}" for i in scale.risk_items)
-        rows.append({
-            "episode_id": r["episode_id"], "measure": r["measure"],
-            "key": pd.Timestamp(r["administered_at"]).isoformat(), "severity": "urgent",
-            "rule": f"{scale.code} risk item ({items}) > 0",
-            "message": f"{scale.code} {items} answered {int(r['risk_value'])} on "
-                       f"{_date(r['administered_at'])}"
-                       + (f" (session {int(r['session_number'])})"
-                          if pd.notna(r.get("session_number")) else "")
-                       + ": check risk and the safety plan",
-            "evidence": {"administered_at": r["administered_at"],
-                         "risk_value": int(r["risk_value"]), "risk_items": list(scale.risk_items),
-                         "score": int(r["score"]), "session_number": r.get("session_number")},
-            "evidence_at": r["administered_at"],
-        })
-    return _frame(rows, "risk_item")
+    hit = a[a["risk"] == "yes"]  # one row per flag raised, not per episode
+    c = _lists(hit, ["episode_id", "measure", "administered_at", "risk_value", "score",
+                     "session_number"])
+    scales = {m: inp.registry[m] for m in set(c["measure"])}
+    items = {m: ", ".join(f"item {i}" for i in s.risk_items) for m, s in scales.items()}
+    at = c["administered_at"]
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"],
+        "key": [pd.Timestamp(t).isoformat() for t in at], "severity": "urgent",
+        "rule": [f"{scales[m].code} risk item ({items[m]}) > 0" for m in c["measure"]],
+        "message": [f"{scales[m].code} {items[m]} answered {int(v)} on {_date(t)}"
+                    + (f" (session {int(sn)})" if pd.notna(sn) else "")
+                    + ": check risk and the safety plan"
+                    for m, v, t, sn in zip(c["measure"], c["risk_value"], at,
+                                           c["session_number"], strict=True)],
+        "evidence_at": at,
+    }, [{"administered_at": t, "risk_value": int(v), "risk_items": list(scales[m].risk_items),
+         "score": int(y), "session_number": sn}
+        for m, v, t, y, sn in zip(c["measure"], c["risk_value"], at, c["score"],
+                                  c["session_number"], strict=True)], "risk_item")
 
 
 def rule_reliable_deterioration(inp: RuleInput) -> pd.DataFrame:
@@ -176,23 +152,29 @@ def rule_reliable_deterioration(inp: RuleInput) -> pd.DataFrame:
     col = "fixed_change" if method == "fixed" else "jt_direction"
     hit = o[o[col] == "deteriorated"]
     z = float(stats.norm.ppf(1 - inp.settings.rci_alpha / 2))
-    rows = []
-    for r in _records(hit):
-        rule = (f"change >= +{_fmt(r['rc_points'], 0)} points (fixed reliable-change rule)"
-                if method == "fixed" else
-                f"RCI > {z:.3f} (Jacobson-Truax, SD {_fmt(r['sd_used'], 2)}, "
-                f"r {_fmt(r['r_used'], 2)})")
-        rows.append({
-            "episode_id": r["episode_id"], "measure": r["measure"], "key": "",
-            "severity": "urgent", "rule": rule,
-            "message": f"{r['measure']} has reliably deteriorated: {r['first_score']} on "
-                       f"{_date(r['first_at'])} to {r['last_score']} on {_date(r['last_at'])} "
-                       f"({_fmt(r['change'], 0)} points, RCI {_fmt(r['rci'], 2)})",
-            "evidence": {k: r[k] for k in ("first_score", "first_at", "last_score", "last_at",
-                                            "change", "rc_points", "rci", "sd_used", "r_used")},
-            "evidence_at": r["last_at"],
-        })
-    return _frame(rows, "reliable_deterioration")
+    keys = ("first_score", "first_at", "last_score", "last_at", "change", "rc_points", "rci",
+            "sd_used", "r_used")
+    c = _lists(hit, ["episode_id", "measure", *keys])
+    rule = [f"change >= +{_fmt(p, 0)} points (fixed reliable-change rule)"
+            for p in c["rc_points"]] if method == "fixed" else \
+        [f"RCI > {z:.3f} (Jacobson-Truax, SD {_fmt(sd, 2)}, r {_fmt(r, 2)})"
+         for sd, r in zip(c["sd_used"], c["r_used"], strict=True)]
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"], "key": "",
+        "severity": "urgent", "rule": rule,
+        "message": [f"{m} has reliably deteriorated: {f} on {_date(fa)} to {la} on "
+                    f"{_date(lat)} ({_fmt(ch, 0)} points, RCI {_fmt(rci, 2)})"
+                    for m, f, fa, la, lat, ch, rci in zip(
+                        c["measure"], c["first_score"], c["first_at"], c["last_score"],
+                        c["last_at"], c["change"], c["rci"], strict=True)],
+        "evidence_at": c["last_at"],
+    }, _evidence(c, keys), "reliable_deterioration")
+
+
+def _evidence(c: dict[str, list[Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One evidence dict per flag from the columns ``keys`` of ``c``."""
+    return [dict(zip(keys, values, strict=True))
+            for values in zip(*(c[k] for k in keys), strict=True)]
 
 
 def rule_sudden_loss(inp: RuleInput) -> pd.DataFrame:
@@ -200,18 +182,19 @@ def rule_sudden_loss(inp: RuleInput) -> pd.DataFrame:
     s = inp.sudden
     hit = s[s["kind"] == "loss"].merge(inp.outcomes[["episode_id", "measure", "last_at"]],
                                        on=["episode_id", "measure"], how="left")
-    rows = [{
-        "episode_id": r["episode_id"], "measure": r["measure"],
-        "key": str(int(r["pregain_session"])), "severity": "review",
+    keys = ("pregain_session", "score_before", "score_after", "size", "n_pre", "n_post",
+            "crit3_adjusted")
+    c = _lists(hit, ["episode_id", "measure", "last_at", *keys])
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"],
+        "key": [str(int(j)) for j in c["pregain_session"]], "severity": "review",
         "rule": "sudden loss: rise >= reliable-change points and t criterion (Lutz 2013)",
-        "message": f"{r['measure']} rose suddenly from {_fmt(r['score_before'], 0)} to "
-                   f"{_fmt(r['score_after'], 0)} between sessions {int(r['pregain_session'])} "
-                   f"and {int(r['pregain_session']) + 1}",
-        "evidence": {k: r[k] for k in ("pregain_session", "score_before", "score_after",
-                                        "size", "n_pre", "n_post", "crit3_adjusted")},
-        "evidence_at": r["last_at"],
-    } for r in _records(hit)]
-    return _frame(rows, "sudden_loss")
+        "message": [f"{m} rose suddenly from {_fmt(b, 0)} to {_fmt(a, 0)} between sessions "
+                    f"{int(j)} and {int(j) + 1}"
+                    for m, b, a, j in zip(c["measure"], c["score_before"], c["score_after"],
+                                          c["pregain_session"], strict=True)],
+        "evidence_at": c["last_at"],
+    }, _evidence(c, keys), "sudden_loss")
 
 
 def rule_not_on_track(inp: RuleInput) -> pd.DataFrame:
@@ -219,25 +202,23 @@ def rule_not_on_track(inp: RuleInput) -> pd.DataFrame:
     o = inp.outcomes
     hit = o[o["not_on_track"].astype("boolean").fillna(False).astype(bool)]
     pct = int(round(100 * inp.settings.curve_percentile))
-    rows = []
-    for r in _records(hit):
-        twice = bool(r["not_on_track_consecutive"])
-        rows.append({
-            "episode_id": r["episode_id"], "measure": r["measure"], "key": "",
-            "severity": "urgent" if twice else "review",
-            "rule": f"score above the {pct}th percentile of the expected recovery curve "
-                    f"(from administration {inp.settings.not_on_track_from})",
-            "message": f"{r['measure']} {r['last_score']} at administration {r['k_last']} is "
-                       f"above the expected range (median {_fmt(r['expected_median'])}, "
-                       f"{pct}th percentile {_fmt(r['expected_upper'])}, {r['band']} at start)"
-                       + ("; also at the previous administration" if twice else ""),
-            "evidence": {k: r[k] for k in ("k_last", "last_score", "last_at", "band",
-                                            "expected_median", "expected_upper",
-                                            "expected_lower", "curve_source",
-                                            "not_on_track_consecutive")},
-            "evidence_at": r["last_at"],
-        })
-    return _frame(rows, "not_on_track")
+    keys = ("k_last", "last_score", "last_at", "band", "expected_median", "expected_upper",
+            "expected_lower", "curve_source", "not_on_track_consecutive")
+    c = _lists(hit, ["episode_id", "measure", *keys])
+    twice = [bool(t) for t in c["not_on_track_consecutive"]]
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"], "key": "",
+        "severity": ["urgent" if t else "review" for t in twice],
+        "rule": f"score above the {pct}th percentile of the expected recovery curve "
+                f"(from administration {inp.settings.not_on_track_from})",
+        "message": [f"{m} {y} at administration {k} is above the expected range (median "
+                    f"{_fmt(med)}, {pct}th percentile {_fmt(up)}, {band} at start)"
+                    + ("; also at the previous administration" if t else "")
+                    for m, y, k, med, up, band, t in zip(
+                        c["measure"], c["last_score"], c["k_last"], c["expected_median"],
+                        c["expected_upper"], c["band"], twice, strict=True)],
+        "evidence_at": c["last_at"],
+    }, _evidence(c, keys), "not_on_track")
 
 
 def rule_stalled(inp: RuleInput) -> pd.DataFrame:
@@ -245,48 +226,54 @@ def rule_stalled(inp: RuleInput) -> pd.DataFrame:
     o = inp.outcomes
     st = inp.settings
     hit = o[o["stalled"].astype("boolean").fillna(False).astype(bool)]
-    rows = [{
-        "episode_id": r["episode_id"], "measure": r["measure"], "key": "", "severity": "review",
+    keys = ("n", "weeks", "first_score", "last_score", "change", "slope_week",
+            "slope_ci_low", "slope_ci_high", "stalled_slow_slope", "stalled_ci_includes_zero")
+    c = _lists(hit, ["episode_id", "measure", "last_at", *keys])
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"], "key": "", "severity": "review",
         "rule": f">= {st.stalled_min_administrations} administrations over >= "
                 f"{_fmt(st.stalled_min_weeks, 0)} weeks, no reliable improvement, and slope "
                 f"95% CI includes 0 or slope > {_fmt(st.stalled_slope_per_week, 2)}/week",
-        "message": f"{r['measure']} has not reliably improved after {r['n']} administrations "
-                   f"over {_fmt(r['weeks'], 0)} weeks; slope {_fmt(r['slope_week'])}/week, "
-                   f"95% CI {_fmt(r['slope_ci_low'])} to {_fmt(r['slope_ci_high'])}",
-        "evidence": {k: r[k] for k in ("n", "weeks", "first_score", "last_score", "change",
-                                        "slope_week", "slope_ci_low", "slope_ci_high",
-                                        "stalled_slow_slope", "stalled_ci_includes_zero")},
-        "evidence_at": r["last_at"],
-    } for r in _records(hit)]
-    return _frame(rows, "stalled")
+        "message": [f"{m} has not reliably improved after {n} administrations over "
+                    f"{_fmt(w, 0)} weeks; slope {_fmt(b)}/week, 95% CI {_fmt(lo)} to "
+                    f"{_fmt(hi)}"
+                    for m, n, w, b, lo, hi in zip(
+                        c["measure"], c["n"], c["weeks"], c["slope_week"], c["slope_ci_low"],
+                        c["slope_ci_high"], strict=True)],
+        "evidence_at": c["last_at"],
+    }, _evidence(c, keys), "stalled")
 
 
 def _goal_rule(inp: RuleInput, status: str, kind: str) -> pd.DataFrame:
     g = inp.goals
     if g.empty:
-        return _frame([], kind)
+        return _frame({}, [], kind)
     hit = g[(g["status"] == status) & g["episode_id"].isin(_open_ids(inp))]
-    rows = [{
-        "episode_id": r["episode_id"], "measure": r["measure"], "key": str(r["goal_id"]),
-        "severity": "review",
-        "rule": f"goal {r['kind']} {_fmt(r['target'], 0)} on {r['measure']}, due "
-                f"{_date(r['due_at'])}: status {status}",
-        "message": f"Goal {r['goal_id']} ({r.get('description') or r['kind']}) is "
-                   f"{status.replace('_', ' ')}: {r['status_reason']}"
-                   + (f"; projected {_date(r['projected_at'])} (range "
-                      f"{_date(r['projected_earliest'])} to {_date(r['projected_latest'])})"
-                      if pd.notna(r["projected_at"]) else ""),
-        # Scores are integers: written as such whether or not another goal of the batch
-        # had no score (which would make the column float).
-        "evidence": {**{k: r.get(k) for k in ("goal_id", "kind", "target", "boundary",
-                                               "due_at", "slope_week", "projected_at",
-                                               "projected_earliest", "projected_latest",
-                                               "status_reason")},
-                     "last_score": None if pd.isna(r.get("last_score"))
-                     else int(r["last_score"])},
-        "evidence_at": r["last_at"],
-    } for r in _records(hit)]
-    return _frame(rows, kind)
+    keys = ("goal_id", "kind", "target", "boundary", "due_at", "slope_week", "projected_at",
+            "projected_earliest", "projected_latest", "status_reason")
+    c = _lists(hit, ["episode_id", "measure", "description", "last_score", "last_at",
+                     *keys])
+    evidence = _evidence(c, keys)
+    # Scores are integers: written as such whether or not another goal of the batch had
+    # no score (which would make the column float).
+    for e, y in zip(evidence, c["last_score"], strict=True):
+        e["last_score"] = None if pd.isna(y) else int(y)
+    said = status.replace("_", " ")
+    return _frame({
+        "episode_id": c["episode_id"], "measure": c["measure"],
+        "key": [str(x) for x in c["goal_id"]], "severity": "review",
+        "rule": [f"goal {k} {_fmt(t, 0)} on {m}, due {_date(d)}: status {status}"
+                 for k, t, m, d in zip(c["kind"], c["target"], c["measure"], c["due_at"],
+                                       strict=True)],
+        "message": [f"Goal {gid} ({desc or k}) is {said}: {why}"
+                    + (f"; projected {_date(p)} (range {_date(pe)} to {_date(pl)})"
+                       if pd.notna(p) else "")
+                    for gid, desc, k, why, p, pe, pl in zip(
+                        c["goal_id"], c["description"], c["kind"], c["status_reason"],
+                        c["projected_at"], c["projected_earliest"], c["projected_latest"],
+                        strict=True)],
+        "evidence_at": c["last_at"],
+    }, evidence, kind)
 
 
 def rule_goal_at_risk(inp: RuleInput) -> pd.DataFrame:
@@ -304,18 +291,19 @@ def rule_review_overdue(inp: RuleInput) -> pd.DataFrame:
     weeks = inp.settings.review_overdue_weeks
     e, due = review_due(inp.episodes[inp.episodes["end_date"].isna()], inp.reviews, weeks)
     today = pd.Timestamp(inp.today)
-    hit = e[(due < today.normalize()).to_numpy()]
-    due_hit = due[(due < today.normalize()).to_numpy()]
-    rows = [{
-        "episode_id": r["episode_id"], "measure": "", "key": "", "severity": "review",
+    late = (due < today.normalize()).to_numpy()
+    c = _lists(e[late], ["episode_id", "last_review", "start_date"])
+    due_hit = list(due[late])
+    return _frame({
+        "episode_id": c["episode_id"], "measure": "", "key": "", "severity": "review",
         "rule": f"no plan review for {weeks} weeks, or past the next review date",
-        "message": f"Plan review overdue since {_date(d)} (last review "
-                   f"{_date(r['last_review']) if pd.notna(r['last_review']) else 'never'})",
-        "evidence": {"last_review": _or_none(r["last_review"]), "start_date": r["start_date"],
-                     "review_due": d, "weeks": weeks},
-        "evidence_at": d,
-    } for r, d in zip(_records(hit), due_hit, strict=True)]
-    return _frame(rows, "review_overdue")
+        "message": [f"Plan review overdue since {_date(d)} (last review "
+                    f"{_date(r) if pd.notna(r) else 'never'})"
+                    for d, r in zip(due_hit, c["last_review"], strict=True)],
+        "evidence_at": due_hit,
+    }, [{"last_review": _or_none(r), "start_date": s, "review_due": d, "weeks": weeks}
+        for r, s, d in zip(c["last_review"], c["start_date"], due_hit, strict=True)],
+        "review_overdue")
 
 
 def review_due(episodes: pd.DataFrame, reviews: pd.DataFrame, weeks: float
@@ -353,15 +341,14 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
     last = inp.administrations.groupby("episode_id")["administered_at"].max()
     since, threshold = missing_threshold(e, last, weeks)
     hit_mask = (threshold < pd.Timestamp(inp.today)).to_numpy()
-    rows = [{
-        "episode_id": r["episode_id"], "measure": "", "key": "", "severity": "info",
+    since_hit = list(since[hit_mask])
+    return _frame({
+        "episode_id": e["episode_id"].to_numpy()[hit_mask].tolist(), "measure": "",
+        "key": "", "severity": "info",
         "rule": f"open episode with no score for {weeks} weeks",
-        "message": f"No outcome measure since {_date(s)}",
-        "evidence": {"last_administration": s, "weeks": weeks},
-        "evidence_at": t,
-    } for r, s, t in zip(_records(e[hit_mask]), since[hit_mask],
-                         threshold[hit_mask], strict=True)]
-    return _frame(rows, "missing_measures")
+        "message": [f"No outcome measure since {_date(x)}" for x in since_hit],
+        "evidence_at": list(threshold[hit_mask]),
+    }, [{"last_administration": x, "weeks": weeks} for x in since_hit], "missing_measures")
 
 
 RULES: dict[str, Callable[[RuleInput], pd.DataFrame]] = {

@@ -115,7 +115,6 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
         episode's mean interval) and ``status_reason`` (plain words).
     """
     g = goals.reset_index(drop=True).copy()
-    g["_gid"] = np.arange(len(g))
     o_cols = ["episode_id", "measure", "first_score", "last_score", "last_at", "n", "weeks",
               "slope_week", "slope_ci_low", "slope_ci_high", "stalled", "not_on_track"]
     g = g.merge(outcomes[o_cols], on=["episode_id", "measure"], how="left")
@@ -124,23 +123,41 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     first = g["first_score"].to_numpy(dtype=float)
     g["boundary"] = _boundary(g["kind"], target, first, sv)
 
-    # Per administration: meets? then runs of consecutive meeting administrations.
-    a = admins[["episode_id", "measure", "administered_at", "score"]].merge(
-        g[["_gid", "episode_id", "measure", "kind", "boundary", "first_score", "sustain"]],
-        on=["episode_id", "measure"])
-    a = a.sort_values(["_gid", "administered_at"], kind="stable").reset_index(drop=True)
-    asv = _scale_values(a["measure"], registry, settings)
-    meets = _meets(a["kind"], a["score"].to_numpy(dtype=float),
-                   a["first_score"].to_numpy(dtype=float), a["boundary"].to_numpy(dtype=float),
-                   asv)
-    run_id = (pd.Series(~meets).groupby(a["_gid"]).cumsum()).to_numpy()
-    run_len = pd.Series(meets.astype(np.int64)).groupby([a["_gid"].to_numpy(), run_id]) \
-        .cumsum().to_numpy()
-    sustain = pd.to_numeric(a["sustain"]).fillna(1).to_numpy()
-    hit = meets & (run_len >= sustain)
-    met_at = a.loc[hit].groupby("_gid")["administered_at"].min()
-    g["met_at"] = pd.Series(pd.to_datetime(met_at.reindex(g["_gid"].to_numpy())).to_numpy(),
-                            index=g.index, dtype="datetime64[us]")
+    # Per administration of each goal's measure, in time order (ties: input order):
+    # meets? then runs of consecutive meeting administrations. Each goal's rows are one
+    # range of the administrations sorted by integer (episode, measure) codes, so the
+    # goals x administrations rows are gathered by index, without a text-keyed merge.
+    keys = pd.concat([admins[["episode_id", "measure"]], g[["episode_id", "measure"]]],
+                     ignore_index=True)
+    ep = pd.factorize(keys["episode_id"])[0].astype(np.int64)
+    ms = pd.factorize(keys["measure"])[0].astype(np.int64)
+    key = ep * (int(ms.max()) + 1 if ms.size else 1) + ms
+    akey, gkey = key[:len(admins)], key[len(admins):]
+    at = admins["administered_at"].to_numpy().astype("datetime64[us]")
+    order = np.lexsort((at.view(np.int64), akey))
+    lo = np.searchsorted(akey[order], gkey, side="left")
+    count = np.searchsorted(akey[order], gkey, side="right") - lo
+    ends = np.cumsum(count)
+    goal_of = np.repeat(np.arange(len(g)), count)
+    pos = np.arange(int(ends[-1]) if len(g) else 0)
+    seg_start = (ends - count)[goal_of]
+    rows = order[pos - seg_start + lo[goal_of]]
+    kinds = pd.Categorical(g["kind"].astype("object"))
+    meets = _meets(pd.Categorical.from_codes(kinds.codes[goal_of], kinds.categories),
+                   admins["score"].to_numpy(dtype=float)[rows], first[goal_of],
+                   g["boundary"].to_numpy(dtype=float)[goal_of],
+                   {k: v[goal_of] for k, v in sv.items()})
+    # Length of the run of meeting administrations ending at each row (0 if not met).
+    last_miss = np.maximum.accumulate(np.where(meets, seg_start - 1, pos)) if pos.size \
+        else pos
+    run_len = np.where(meets, pos - last_miss, 0)
+    sustain = pd.to_numeric(g["sustain"]).fillna(1).to_numpy()[goal_of]
+    hit = np.flatnonzero(meets & (run_len >= sustain))
+    # Rows are in time order within a goal: the first hit is the earliest.
+    met_goal, first_hit = np.unique(goal_of[hit], return_index=True)
+    met_at = np.full(len(g), np.datetime64("NaT"), dtype="datetime64[us]")
+    met_at[met_goal] = at[rows[hit[first_hit]]]
+    g["met_at"] = pd.Series(met_at, index=g.index, dtype="datetime64[us]")
 
     # Due: a date, or the due_session-th administration (estimated date if in future).
     n = g["n"].fillna(0).to_numpy(dtype=float)
@@ -209,4 +226,4 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     for col in ("projected_at", "projected_earliest", "projected_latest"):
         g.loc[met, col] = pd.NaT  # nothing to project once met
 
-    return g.drop(columns=["_gid"])
+    return g

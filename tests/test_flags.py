@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -422,3 +423,63 @@ def test_review_due_takes_the_latest_reviews_own_next_date() -> None:
     assert [str(d) for d in due] == ["2026-04-13 10:00:00",   # 2 Mar + 6 weeks
                                      "2026-04-01 00:00:00",   # the date B's review set
                                      "2026-02-16 00:00:00"]   # C: 5 Jan + 6 weeks
+
+
+def test_goal_met_dates_for_many_goals_against_a_goal_by_goal_reading() -> None:
+    """Many goals at once (several per episode x measure, some without administrations,
+    rows shuffled, tied times): each goal's met date equals the one found by reading its
+    own administrations in time order, rule by rule (module docstring; ORS mirrored)."""
+    rng = np.random.default_rng(8)
+    rows, goals_, outs = [], [], []
+    day0 = pd.Timestamp("2026-01-05 09:00")
+    for e in range(60):
+        for measure in ("PHQ-9", "ORS"):
+            k = int(rng.integers(0, 9))
+            days = np.sort(rng.integers(0, 60, k))  # repeated days: tied times
+            scores = rng.integers(0, 28 if measure == "PHQ-9" else 41, k)
+            for d, y in zip(days, scores, strict=True):
+                rows.append({"episode_id": f"E{e:02d}", "measure": measure,
+                             "administered_at": day0 + pd.Timedelta(days=int(d)),
+                             "score": int(y)})
+            if k:
+                outs.append({"episode_id": f"E{e:02d}", "measure": measure,
+                             "first_score": int(scores[0]), "last_score": int(scores[-1]),
+                             "last_at": day0 + pd.Timedelta(days=int(days[-1])), "n": k,
+                             "weeks": float(days[-1] - days[0]) / 7, "slope_week": -0.5,
+                             "slope_ci_low": -1.0, "slope_ci_high": 0.1, "stalled": False,
+                             "not_on_track": False})
+            for j in range(int(rng.integers(1, 4))):
+                kind = ["below", "reduction_pct", "reliable_improvement"][j]
+                target = {"below": 12 if measure == "PHQ-9" else 25, "reduction_pct": 30,
+                          "reliable_improvement": 5}[kind]
+                goals_.append({"episode_id": f"E{e:02d}", "goal_id": f"G{e}{measure}{j}",
+                               "measure": measure, "kind": kind, "target": target,
+                               "due_date": None, "due_session": None,
+                               "sustain": int(rng.integers(1, 3))})
+    admins = pd.DataFrame(rows).sample(frac=1.0, random_state=2).reset_index(drop=True)
+    admins["administered_at"] = admins["administered_at"].astype("datetime64[us]")
+    g = goal_status(pd.DataFrame(goals_), admins, pd.DataFrame(outs), load_registry(),
+                    Settings(), datetime(2026, 6, 1))
+    met = 0
+    for goal, got in zip(goals_, g["met_at"], strict=True):
+        mine = admins[(admins["episode_id"] == goal["episode_id"]) &
+                      (admins["measure"] == goal["measure"])]
+        mine = mine.sort_values("administered_at", kind="stable")
+        up = goal["measure"] == "ORS"  # higher is better: every comparison mirrored
+        ys = mine["score"].tolist()
+        expected, run = None, 0
+        for at, y in zip(mine["administered_at"], ys, strict=True):
+            gain = (y - ys[0]) if up else (ys[0] - y)
+            ok = {"below": (y > goal["target"]) if up else (y < goal["target"]),
+                  "reduction_pct": gain >= ys[0] * goal["target"] / 100,
+                  "reliable_improvement": gain >= goal["target"]}[goal["kind"]]
+            run = run + 1 if ok else 0
+            if run >= goal["sustain"]:
+                expected = at
+                break
+        if expected is None:
+            assert pd.isna(got), goal
+        else:
+            met += 1
+            assert got == expected, goal
+    assert 40 < met < len(goals_)

@@ -77,7 +77,7 @@ def _boundary(kind: pd.Series, target: np.ndarray, first: np.ndarray,
          sv["caseness"]], default=np.nan)
 
 
-def _meets(kind: pd.Series, score: np.ndarray, first: np.ndarray, boundary: np.ndarray,
+def _meets(kind: pd.Series | pd.Categorical, score: np.ndarray, first: np.ndarray, boundary: np.ndarray,
            sv: dict[str, np.ndarray]) -> np.ndarray:
     sign = sv["sign"]
     strict = sign * score < sign * boundary  # below / remission / recovery

@@ -427,9 +427,8 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
             conn, q.where(sa.false()))
     f = firing.copy()
     f["evidence_at"] = pd.to_datetime(f["evidence_at"])
-    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at"]].assign(
-        _sig=stored["severity"].astype(str) + "|" + stored["message"].astype(str) + "|" +
-        stored["evidence"].astype(str)), on=_IDENTITY, how="left")
+    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at", "severity",
+                        "message", "evidence"]], on=_IDENTITY, how="left", suffixes=("", "_was"))
     counts = {"raised": 0, "reopened": 0, "updated": 0, "resolved": 0}
     new = m[m["flag_id"].isna()]
     if not new.empty:
@@ -442,8 +441,9 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
         # Unchanged flags only get last_seen, in bulk; the others one executemany each.
-        same = (old["severity"].astype(str) + "|" + old["message"].astype(str) + "|" +
-                old["evidence"].astype(str)) == old["_sig"]
+        same = pd.Series(True, index=old.index)
+        for col in ("severity", "message", "evidence"):
+            same &= (old[col].astype(str) == old[f"{col}_was"].astype(str)).to_numpy()
         quiet = [int(x) for x in old.loc[same & ~reopen, "flag_id"]]
         for i in range(0, len(quiet), 900):
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(

@@ -362,7 +362,9 @@ class _Ingestor:
         # not at the next compute (SPEC §8).
         risky = flags.risk_flags(accepted, self.registry)
         if not risky.empty:
-            flags.refresh(conn, risky, self.now, kinds=["risk_item"], resolve_missing=False)
+            # Only these episodes' stored risk flags can match (nothing is resolved).
+            flags.refresh(conn, risky, self.now, episodes=set(risky["episode_id"]),
+                          kinds=["risk_item"], resolve_missing=False)
             rep.risk_flags += len(risky)
         rep.episodes_touched.update(accepted["episode_id"].unique().tolist())
         rep.warnings[Warn.TOTAL_ITEMS_MISMATCH.value] += int(accepted["total_mismatch"].sum())

@@ -26,6 +26,9 @@ FULL = [
     ("bench_dask.py", ["--copies", "10", "--partitions", "16", "--repeat", "3"],
      "statistics over ~10M administrations in Parquet: pandas engine vs Dask, 1 and 2 "
      "local workers"),
+    ("bench_statistics.py", ["--copies", "10", "--partitions", "16", "--repeat", "3"],
+     "the statistics step alone (groups, reference, outcomes) on ~10M administrations "
+     "in memory"),
     ("bench_dashboard.py", [], "dashboard callbacks on 100k episodes"),
     ("bench_cycle.py", ["--repeat", "3"],
      "one `ontrack run` with 10k new administrations on a ~1M store"),

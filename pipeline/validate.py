@@ -19,6 +19,7 @@ import pandera.pandas as pa
 import sqlalchemy as sa
 
 from pipeline import store
+from pipeline.columns import is_in
 from pipeline.errors import ValidationError
 from pipeline.ingest.formats import QuarantineRecord
 from pipeline.reasons import Reason
@@ -262,7 +263,7 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
            missing_req.astype(str) + " items missing; at most " +
            max_missing.astype("Int64").astype(str) + " may be prorated for " + measure)
 
-    m.mark(~ep.isin(ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
+    m.mark(~is_in(ep, ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
            "column 'episode_id': '" + ep.str.slice(0, 40) +
            "' is not a known episode; ingest the episodes file first")
     if "client_id" in frame.columns:
@@ -384,10 +385,10 @@ def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
         reason = frame["end_reason"].str.strip()
         m.mark((reason != "") & ~reason.isin(END_REASONS), Reason.BAD_VALUE,
                _say("end_reason", reason, f"one of {', '.join(END_REASONS)}"))
-        m.mark(~req["client_id"].isin(ctx.clients), Reason.UNKNOWN_CLIENT,
+        m.mark(~is_in(req["client_id"], ctx.clients), Reason.UNKNOWN_CLIENT,
                "column 'client_id': '" + req["client_id"].str.slice(0, 40) +
                "' is not a known client; ingest the clients file first")
-        m.mark(~req["therapist_id"].isin(ctx.therapists), Reason.UNKNOWN_THERAPIST,
+        m.mark(~is_in(req["therapist_id"], ctx.therapists), Reason.UNKNOWN_THERAPIST,
                "column 'therapist_id': '" + req["therapist_id"].str.slice(0, 40) +
                "' is not a known therapist; ingest the therapists file first")
         out["start_date"] = start
@@ -416,7 +417,7 @@ def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
         sustain, bad_sustain = _ints(frame["sustain"])
         m.mark(bad_sustain | (sustain < 1).fillna(False), Reason.BAD_VALUE,
                _say("sustain", frame["sustain"], "a whole number >= 1"))
-        m.mark(~req["episode_id"].isin(ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
+        m.mark(~is_in(req["episode_id"], ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
                "column 'episode_id': '" + req["episode_id"].str.slice(0, 40) +
                "' is not a known episode; ingest the episodes file first")
         out["target"] = target

@@ -21,6 +21,7 @@ import pandas as pd
 from sqlalchemy.engine import Connection
 
 from pipeline import flags
+from pipeline.columns import is_in
 from pipeline.config import Settings
 from pipeline.errors import IngestError, UnreadableFileError
 from pipeline.faults import crash_point
@@ -452,7 +453,7 @@ class _Ingestor:
             stored = stored.loc[stored["plan_version"] == latest]
             stored["_fp_s"] = _entity_fp(stored, fields)
             frame = frame.merge(stored[[*ident, "_fp_s"]], on=ident, how="left")
-            has_plan = frame["episode_id"].isin(stored["episode_id"]).to_numpy()
+            has_plan = is_in(frame["episode_id"], stored["episode_id"])
         else:
             frame["_fp_s"] = pd.Series(pd.NA, index=frame.index, dtype="str")
             has_plan = np.zeros(len(frame), dtype=bool)
@@ -464,7 +465,7 @@ class _Ingestor:
         # A plan whose first goals came earlier in this same file (an earlier chunk) is
         # still being read: its further goals belong to it. Without this, an episode whose
         # goals straddle a chunk boundary lost the later goals as "conflict".
-        in_file = frame["episode_id"].isin(self._file_plans).to_numpy() & has_plan
+        in_file = is_in(frame["episode_id"], self._file_plans) & has_plan
         goal_known = frame["_fp_s"].notna().to_numpy()
         duplicate = same_store | (~f & same_first & (~has_plan | (in_file & ~goal_known)))
         new = f & ~has_plan

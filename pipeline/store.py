@@ -596,17 +596,18 @@ class Store:
                 administrations.c.total_supplied,
                 *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
         names = [c.name for c in cols]
-        # Episode IN (...) AND time IN (...), 300 identities at a time: a superset of the
-        # identities (the caller matches them exactly) that the unique index answers by
-        # itself, reading table rows only for matches. (A row-value IN list makes
-        # SQLite scan the table.)
+        # Episode IN (...) AND time IN (...), 2,000 identities at a time: a superset of
+        # the identities (the caller matches them exactly) that the unique index answers
+        # by itself, reading table rows only for matches. (A row-value IN list makes
+        # SQLite scan the table.) Fewer, larger groups: each query costs ~1 ms of Python
+        # whatever its size (300 at a time: 3.3 s for a 200k-row chunk; 2,000: 2.1 s).
         ident = identities.drop_duplicates().sort_values("episode_id")
         eps = ident["episode_id"].tolist()
         when = pd.to_datetime(ident["administered_at"]).dt.to_pydatetime().tolist()
         frames = [read_frame(conn, sa.select(*cols).where(
-            administrations.c.episode_id.in_(sorted(set(eps[i:i + 300])))
-            & administrations.c.administered_at.in_(sorted(set(when[i:i + 300])))), raw=True)
-            for i in range(0, len(eps), 300)]
+            administrations.c.episode_id.in_(sorted(set(eps[i:i + 2000])))
+            & administrations.c.administered_at.in_(sorted(set(when[i:i + 2000])))), raw=True)
+            for i in range(0, len(eps), 2000)]
         frames = [f for f in frames if not f.empty]
         if not frames:
             return pd.DataFrame(columns=names)

@@ -9,6 +9,7 @@ bad input, which is always quarantined with a reason code instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from pipeline import store
@@ -104,11 +107,17 @@ class _Marker:
     def ok(self) -> np.ndarray:
         return pd.isna(self.reason)
 
-    def mark(self, mask: Any, reason: Reason, detail: pd.Series | str) -> None:
+    def mark(self, mask: Any, reason: Reason,
+             detail: pd.Series | str | Callable[[], pd.Series | str]) -> None:
+        """Mark the records of ``mask`` not marked yet. A per-record ``detail`` can be
+        given as a function: it is built only when some record is marked (building the
+        text for every record of every check cost more than the checks)."""
         m = np.asarray(mask, dtype=bool) & self.ok
         if not m.any():
             return
         self.reason[m] = reason.value
+        if callable(detail):
+            detail = detail()
         if isinstance(detail, str):
             self.detail[m] = detail
         else:
@@ -161,7 +170,11 @@ def _ints(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(parsed nullable Int64, mask of non-empty values that are not integers)."""
     s = values.astype("str").str.strip()
     present = s != ""
-    good = s.str.match(_INT_RE, na=False)
+    # Arrow's RE2 on the stripped text: the same matches as re.match here (nothing is
+    # left for the pattern's \s to see), without pandas' per-value Python fallback.
+    hit = pc.match_substring_regex(pyarrow.array(s, from_pandas=True), _INT_RE)
+    good = pd.Series(np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False),
+                                dtype=bool), index=s.index)
     parsed = pd.to_numeric(s.where(present & good), errors="coerce")
     return parsed.astype("Int64"), present & ~good
 
@@ -201,27 +214,31 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
 
     known = measure.isin(list(reg))
     m.mark(~known, Reason.UNKNOWN_MEASURE,
-           "column 'measure': value '" + measure.str.slice(0, 40) +
+           lambda: "column 'measure': value '" + measure.str.slice(0, 40) +
            f"' is not a registry code ({', '.join(reg)})")
 
     when = parse_timestamps(when_raw, ctx.timezone)
     m.mark(when.isna(), Reason.BAD_DATE,
-           _say("administered_at", when_raw, "an ISO 8601 date or date-time"))
+           lambda: _say("administered_at", when_raw, "an ISO 8601 date or date-time"))
     m.mark(when < pd.Timestamp(EARLIEST), Reason.BAD_DATE,
-           "column 'administered_at': " + when_raw + f" is before {EARLIEST}: implausible")
+           lambda: "column 'administered_at': " + when_raw +
+           f" is before {EARLIEST}: implausible")
     limit = pd.Timestamp(ctx.now) + pd.Timedelta(hours=ctx.future_tolerance_hours)
     m.mark(when > limit, Reason.FUTURE_DATE,
-           "column 'administered_at': " + when_raw + f" is in the future (now {ctx.now:%Y-%m-%dT%H:%M}Z)")
+           lambda: "column 'administered_at': " + when_raw +
+           f" is in the future (now {ctx.now:%Y-%m-%dT%H:%M}Z)")
 
     session, bad_session = _ints(frame["session_number"])
     m.mark(bad_session | (session < 1).fillna(False), Reason.BAD_VALUE,
-           _say("session_number", frame["session_number"], "a whole number >= 1"))
+           lambda: _say("session_number", frame["session_number"], "a whole number >= 1"))
     total, bad_total = _ints(frame["total"])
-    m.mark(bad_total, Reason.BAD_VALUE, _say("total", frame["total"], "a whole number"))
+    m.mark(bad_total, Reason.BAD_VALUE, lambda: _say("total", frame["total"], "a whole number"))
     items = {}
+    # In both loops mark() calls each detail function at once, in the same iteration.
     for col in item_cols:
         items[col], bad_item = _ints(frame[col])
-        m.mark(bad_item, Reason.BAD_VALUE, _say(col, frame[col], "a whole number"))
+        m.mark(bad_item, Reason.BAD_VALUE,
+               lambda: _say(col, frame[col], "a whole number"))  # noqa: B023
 
     # Per-scale ranges: the registry, not code branches, says what is valid.
     n_items = measure.map({c: s.items for c, s in reg.items()})
@@ -231,12 +248,13 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
         v = items[col]
         beyond = v.notna() & (n_items < i)
         m.mark(beyond, Reason.ITEM_OUT_OF_RANGE,
-               f"column {col!r}: given, but the scale '" + measure + "' has only " +
-               n_items.astype("Int64").astype(str) + " items")
+               lambda: f"column {col!r}: given, but the scale '" + measure +  # noqa: B023
+               "' has only " + n_items.astype("Int64").astype(str) + " items")
         out = v.notna() & ((v < lo) | (v > hi)).fillna(False)
         m.mark(out, Reason.ITEM_OUT_OF_RANGE,
-               f"column {col!r}: value " + v.astype(str) + " is outside the item range " +
-               lo.astype("Int64").astype(str) + "-" + hi.astype("Int64").astype(str))
+               lambda: f"column {col!r}: value " + v.astype(str) +  # noqa: B023
+               " is outside the item range " + lo.astype("Int64").astype(str) + "-" +
+               hi.astype("Int64").astype(str))
 
     answered = pd.DataFrame(items).notna()
     has_items = answered.any(axis=1)
@@ -247,7 +265,7 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
     tmax = measure.map({c: s.total_max for c, s in reg.items()})
     m.mark(total.notna() & ((total < tmin) | (total > tmax)).fillna(False),
            Reason.TOTAL_OUT_OF_RANGE,
-           "column 'total': value " + total.astype(str) + " is outside " +
+           lambda: "column 'total': value " + total.astype(str) + " is outside " +
            tmin.astype("Int64").astype(str) + "-" + tmax.astype("Int64").astype(str))
 
     # Missing required (non-optional) items, against the proration limit.
@@ -260,17 +278,18 @@ def check_administrations(frame: pd.DataFrame, ctx: Context) -> Checked:
         missing_req += (required_here & ~answered[col]).astype("int64")
     max_missing = measure.map({c: s.max_missing for c, s in reg.items()})
     m.mark(has_items & (missing_req > max_missing).fillna(False), Reason.TOO_MANY_MISSING_ITEMS,
-           missing_req.astype(str) + " items missing; at most " +
+           lambda: missing_req.astype(str) + " items missing; at most " +
            max_missing.astype("Int64").astype(str) + " may be prorated for " + measure)
 
     m.mark(~is_in(ep, ctx.episode_client.keys()), Reason.UNKNOWN_EPISODE,
-           "column 'episode_id': '" + ep.str.slice(0, 40) +
+           lambda: "column 'episode_id': '" + ep.str.slice(0, 40) +
            "' is not a known episode; ingest the episodes file first")
     if "client_id" in frame.columns:
         cid = frame["client_id"].str.strip()
         owner = ep.map(ctx.episode_client)
         m.mark((cid != "") & owner.notna() & (cid != owner), Reason.CLIENT_MISMATCH,
-               "the record's client is not the client of episode '" + ep.str.slice(0, 40) + "'")
+               lambda: "the record's client is not the client of episode '" +
+               ep.str.slice(0, 40) + "'")
 
     ok = m.ok
     accepted = pd.DataFrame({

@@ -7,6 +7,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import Store
@@ -49,3 +51,25 @@ def test_fhir_quarantine_names_bundle_entry(indir: Path, entities: list[Path], s
     q = quarantine(store)
     assert q["reason"].tolist() == ["total_out_of_range"]
     assert q["location"].tolist() == ["entry 2"]
+
+
+def test_whole_number_parsing_matches_the_python_pattern() -> None:
+    """validate._ints (Arrow's RE2 on stripped text) against Python's re on the same
+    pattern, over signs, zeros, decimals, exponents, Unicode digits and spaces."""
+    import re
+
+    from pipeline.validate import _INT_RE, _ints
+
+    values = ["7", " 7 ", "+07", "-3", "007", "7.0", "7.000", "7.5", "7.", ".7", "1e3",
+              "", " ", "\u00a07\u00a0", "\u20037", "7\n", "\t7\t", "²", "٣", "１", "0",
+              "-0", "+", "-", "123456789", "1234567890", "12 3", "7,0", "0x7"]
+    s = pd.Series(values, dtype="str")
+    parsed, bad = _ints(s)
+    for v, p, b in zip(values, parsed, bad, strict=True):
+        text = v.strip()
+        good = bool(re.match(_INT_RE, text))
+        assert bool(b) is (text != "" and not good), repr(v)
+        if good:
+            assert p == int(float(text)), repr(v)
+        else:
+            assert pd.isna(p), repr(v)

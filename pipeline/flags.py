@@ -96,8 +96,10 @@ def _dt(values: pd.Series) -> pd.Series:
 def _lists(frame: pd.DataFrame, names: list[str]) -> dict[str, list[Any]]:
     """The named columns as Python lists (the values ``to_dict(orient="records")``
     gives), converting only the columns a rule reads (of the outcome table's ~60)."""
-    return {n: frame[n].tolist() if n in frame.columns else [None] * len(frame)
-            for n in names}
+    # to_dict, not tolist: it gives None for a missing value of a nullable column
+    # (tolist keeps pd.NA, which the evidence JSON would write as "<NA>").
+    return {n: frame[[n]].to_dict(orient="list")[n] if n in frame.columns
+            else [None] * len(frame) for n in names}
 
 
 def _frame(columns: dict[str, Any], evidence: list[dict[str, Any]], kind: str

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.compute import compute
 from pipeline.config import Settings
+from pipeline.flags import risk_flags
 from pipeline.goals import goal_status
 from pipeline.ingest.batch import ingest_paths
 from pipeline.reviews import record_review
@@ -483,3 +484,18 @@ def test_goal_met_dates_for_many_goals_against_a_goal_by_goal_reading() -> None:
             met += 1
             assert got == expected, goal
     assert 40 < met < len(goals_)
+
+
+def test_risk_flag_without_session_number_has_null_evidence() -> None:
+    """A risk item endorsed at an administration with no session number: the evidence
+    says null (JSON), never the text "<NA>", and the message leaves the session out."""
+    a = pd.DataFrame({"episode_id": ["E"], "measure": ["PHQ-9"],
+                      "administered_at": [pd.Timestamp("2026-01-05 10:00")],
+                      "risk": ["yes"], "risk_value": [2], "score": [15],
+                      "session_number": pd.array([pd.NA], dtype="Int64")})
+    f = risk_flags(a, load_registry()).iloc[0]
+    assert json.loads(f["evidence"]) == {"administered_at": "2026-01-05 10:00:00",
+                                         "risk_items": [9], "risk_value": 2, "score": 15,
+                                         "session_number": None}
+    assert f["message"] == ("PHQ-9 item 9 answered 2 on 2026-01-05: check risk and the "
+                            "safety plan")

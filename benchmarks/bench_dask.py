@@ -65,24 +65,35 @@ def build(base: Path, episodes: int, copies: int, partitions: int) -> int:
     return rows
 
 
-def main() -> None:
+def dataset_arguments() -> argparse.ArgumentParser:
+    """The options naming the synthetic Parquet dataset (shared with bench_statistics)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--episodes", type=int, default=55_000)
     ap.add_argument("--copies", type=int, default=10)
     ap.add_argument("--partitions", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default="benchmarks/_data/dask")
-    ap.add_argument("--engines", default="pandas,dask1,dask2",
-                    help="which of pandas, dask1, dask2 to time (e.g. pandas alone at 100M)")
-    args = ap.parse_args()
+    return ap
+
+
+def dataset(args: argparse.Namespace) -> tuple[Path, int]:
+    """The dataset's folder and row count, built first when it is missing."""
     base = Path(args.dir) / f"{args.episodes}x{args.copies}p{args.partitions}"
     meta = base / "_ontrack.json"
     if meta.exists():
-        rows = json.loads(meta.read_text())["rows"]
-    else:
-        t = time.perf_counter()
-        rows = build(base, args.episodes, args.copies, args.partitions)
-        print(f"built {rows:,} rows in {time.perf_counter() - t:.0f} s")
+        return base, json.loads(meta.read_text())["rows"]
+    t = time.perf_counter()
+    rows = build(base, args.episodes, args.copies, args.partitions)
+    print(f"built {rows:,} rows in {time.perf_counter() - t:.0f} s")
+    return base, rows
+
+
+def main() -> None:
+    ap = dataset_arguments()
+    ap.add_argument("--engines", default="pandas,dask1,dask2",
+                    help="which of pandas, dask1, dask2 to time (e.g. pandas alone at 100M)")
+    args = ap.parse_args()
+    base, rows = dataset(args)
     settings, registry = load_settings(env={}), load_registry()
     results = {}
     chosen = set(args.engines.split(","))

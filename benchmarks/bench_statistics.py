@@ -14,16 +14,13 @@ Run: ``.venv/bin/python benchmarks/bench_statistics.py [--copies 10] [--repeat 3
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.bench_dask import build
+from benchmarks.bench_dask import dataset, dataset_arguments
 from pipeline.config import load_settings
 from pipeline.parquet import read_partition
 from pipeline.scales import load_registry
@@ -35,17 +32,8 @@ FLOOR_S, TARGET_S = 0.21, 2.0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--episodes", type=int, default=55_000)
-    ap.add_argument("--copies", type=int, default=10)
-    ap.add_argument("--partitions", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", default="benchmarks/_data/dask")
-    args = ap.parse_args()
-    base = Path(args.dir) / f"{args.episodes}x{args.copies}p{args.partitions}"
-    if not (base / "_ontrack.json").exists():
-        build(base, args.episodes, args.copies, args.partitions)
-    rows = json.loads((base / "_ontrack.json").read_text())["rows"]
+    args = dataset_arguments().parse_args()
+    base, rows = dataset(args)
     a = pd.concat([read_partition(p) for p in sorted(base.glob("part-*.parquet"))],
                   ignore_index=True)
     ended = a.loc[a["ended"], "episode_id"]

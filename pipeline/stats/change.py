@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from scipy import stats
+from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
 from pipeline.errors import UsageError
 from pipeline.scales import Scale
@@ -163,7 +163,7 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     se = sd * np.sqrt(1 - reliability)
     s_diff = float(np.sqrt(2) * se)
     rci = (post_a - pre_a) / s_diff
-    z = float(stats.norm.ppf(1 - alpha / 2))
+    z = float(special.ndtri(1 - alpha / 2))  # scipy.stats.norm.ppf's kernel
     better = rci if higher_is_better else -rci
     direction = np.where(better > z, "improved",
                          np.where(-better > z, "deteriorated", "unchanged")).astype(object)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from scipy import stats
+from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
 __all__ = ["sudden_gains"]
 
@@ -96,7 +96,7 @@ def sudden_gains(scores: npt.ArrayLike, *, cutoff: float, pct: float = 0.25,
     better = -1.0 if higher_is_better else 1.0  # + when "down is better"
     sign = -better if losses else better  # direction of the change looked for
     # Criterion-3 windows hold 2-3 values each, so df is 2, 3 or 4: one ppf call.
-    t_table = stats.t.ppf(1 - alpha / 2, np.arange(1, 5))
+    t_table = special.stdtrit(np.arange(1, 5), 1 - alpha / 2)  # t.ppf's kernel
     frames = []
     for j in range(n_cols - 1):
         a, b = x[:, j], x[:, j + 1]

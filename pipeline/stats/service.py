@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from scipy import stats
+from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
 __all__ = ["METRICS", "episode_service_outcomes", "funnel_limits", "rates_from_counts",
            "service_metrics", "wilson_interval"]
@@ -56,7 +56,7 @@ def wilson_interval(k: npt.ArrayLike, n: npt.ArrayLike,
     """
     k_a = np.asarray(k, dtype=float)
     n_a = np.asarray(n, dtype=float)
-    z = stats.norm.ppf(1 - alpha / 2)
+    z = special.ndtri(1 - alpha / 2)  # scipy.stats.norm.ppf's kernel
     with np.errstate(invalid="ignore", divide="ignore"):
         p = k_a / n_a
         denom = 1 + z**2 / n_a
@@ -209,6 +209,8 @@ def funnel_limits(p0: float, n: npt.ArrayLike,
     >>> round(float(lim["lo_95"].iloc[0]), 3), round(float(lim["hi_95"].iloc[0]), 3)
     (0.397, 0.593)
     """
+    from scipy import stats  # here: scipy.stats takes 0.5 s to load
+
     n_a = np.asarray(n, dtype=float)
     out = pd.DataFrame({"n": n_a})
     for level in levels:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from scipy import stats
+from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
 __all__ = ["grouped_trend", "theil_sen"]
 
@@ -171,7 +171,7 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
     enough = (n >= min_points) & (sxx > 0)
     slope = np.where(enough, slope, np.nan)
     se = np.where(enough, se, np.nan)
-    t = stats.t.ppf(1 - alpha / 2, np.where(n > 2, n - 2, 1))
+    t = special.stdtrit(np.where(n > 2, n - 2, 1), 1 - alpha / 2)  # t.ppf's kernel
     in_order = contiguous and bool(np.all((d[1:] >= d[:-1]) | (gid[1:] != gid[:-1]))) if gid.size else True
     order = slice(None) if in_order else np.lexsort((d, gid))
     ts = theil_sen(gid[order], d[order], y[order].astype(float), n_groups, want=enough)

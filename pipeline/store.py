@@ -596,12 +596,15 @@ class Store:
                 administrations.c.total_supplied,
                 *[administrations.c[f"item_{i}"] for i in range(1, MAX_ITEMS + 1)]]
         names = [c.name for c in cols]
+        ident = identities.drop_duplicates()
+        if conn.dialect.name == "sqlite":
+            return self._keys_by_join(conn, ident, names)
         # Episode IN (...) AND time IN (...), 2,000 identities at a time: a superset of
         # the identities (the caller matches them exactly) that the unique index answers
         # by itself, reading table rows only for matches. (A row-value IN list makes
         # SQLite scan the table.) Fewer, larger groups: each query costs ~1 ms of Python
         # whatever its size (300 at a time: 3.3 s for a 200k-row chunk; 2,000: 2.1 s).
-        ident = identities.drop_duplicates().sort_values("episode_id")
+        ident = ident.sort_values("episode_id")
         eps = ident["episode_id"].tolist()
         when = pd.to_datetime(ident["administered_at"]).dt.to_pydatetime().tolist()
         frames = [read_frame(conn, sa.select(*cols).where(
@@ -614,6 +617,36 @@ class Store:
         # An episode split across two groups can return a row twice.
         return pd.concat(frames, ignore_index=True).drop_duplicates(
             ["episode_id", "measure", "administered_at"], ignore_index=True)
+
+    @staticmethod
+    def _keys_by_join(conn: Connection, ident: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+        """:meth:`administration_keys` on SQLite: the identities go into a temporary
+        table, joined to the store through the unique index, one lookup each. The
+        IN-list query visits every stored administration of each listed episode (10k
+        new identities on a 10M store: 0.8 s; by the join: a few ms per thousand)."""
+        dbapi = conn.connection.driver_connection
+        cur = dbapi.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS _ontrack_identities "
+                        "(episode_id, measure, administered_at)")
+            cur.execute("DELETE FROM temp._ontrack_identities")
+            # Times as the store writes them (SQLAlchemy's SQLite text form), compared
+            # as text: equal instants, equal text.
+            when = pd.to_datetime(ident["administered_at"]).dt.strftime(_SQL_DATETIME)
+            cur.executemany("INSERT INTO temp._ontrack_identities VALUES (?, ?, ?)",
+                            zip(ident["episode_id"].tolist(), ident["measure"].tolist(),
+                                when.tolist(), strict=True))
+            # CROSS JOIN: SQLite keeps the identities as the outer loop.
+            rows = cur.execute(
+                f"SELECT {', '.join(f'a.{n}' for n in names)} "
+                "FROM temp._ontrack_identities i CROSS JOIN administrations a "
+                "ON a.episode_id = i.episode_id AND a.measure = i.measure "
+                "AND a.administered_at = i.administered_at").fetchall()
+            cur.execute("DELETE FROM temp._ontrack_identities")
+        finally:
+            cur.close()
+        return pd.DataFrame.from_records(rows, columns=names, coerce_float=False) if rows \
+            else pd.DataFrame(columns=names)
 
     def plan_goals(self, conn: Connection, episode_ids: Sequence[str]) -> pd.DataFrame:
         """Goals of the latest plan version of the given episodes."""

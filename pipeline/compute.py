@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,7 @@ from pipeline.store import (
     bulk_insert,
     bulk_read,
     compute_runs,
+    episode_clock,
     episodes,
     expected_curves,
     goals,
@@ -141,14 +143,15 @@ def _stored_reference(conn: sa.Connection) -> Reference:
 
 
 def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: int,
-            stored: bool = False) -> pd.DataFrame | None:
+            keep: bool = False) -> pd.DataFrame:
     """Insert a result frame (stamped with the run) by the store's bulk path; with
-    ``stored``, return what reading it back would give (:func:`stored_frame`)."""
+    ``keep``, return what reading it back would give (:func:`stored_frame`), else an
+    empty frame."""
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
     f = f[[c for c in cols if c in f.columns]]
-    rows = bulk_insert(conn, table, f, keep_rows=stored)
-    return stored_frame(table, f, rows) if rows is not None else None
+    rows = bulk_insert(conn, table, f, keep_rows=keep)
+    return stored_frame(table, f, rows) if rows is not None else pd.DataFrame()
 
 
 def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None
@@ -183,29 +186,52 @@ def _bools(frame: pd.DataFrame, table: sa.Table) -> pd.DataFrame:
     return frame
 
 
+def _outcome_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = _bools(frame, outcomes)
+    for c in ("first_at", "last_at"):
+        frame[c] = pd.to_datetime(frame[c])
+    return frame
+
+
+def _plus(held: pd.DataFrame, rest: list[str], read: Callable[[list[str]], pd.DataFrame]
+          ) -> pd.DataFrame:
+    """Rows held for some episodes, plus those read for the ``rest``."""
+    if not rest:
+        return held
+    if held.empty:  # its columns' dtypes (from no rows) would sway the concatenation's
+        return read(rest)
+    return pd.concat([held, read(rest)], ignore_index=True)
+
+
 def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                today: datetime, episode_ids: list[str] | None = None,
                admins: pd.DataFrame | None = None,
-               written: tuple[pd.DataFrame, pd.DataFrame] | None = None
-               ) -> flag_rules.RuleInput:
+               written: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+               held: set[str] | None = None) -> flag_rules.RuleInput:
     """Read what the flag rules need from the store (outcomes must be current), for
-    every episode or only ``episode_ids``. ``admins``, when the caller already holds
-    exactly those episodes' administrations, and ``written``, the (outcomes, sudden
-    changes) rows it has just stored for them (in their :func:`stored_frame` form),
-    save reading them again."""
-    out = _bools(written[0] if written is not None else
-                 _scoped(conn, outcomes, None, episode_ids), outcomes)
-    for c in ("first_at", "last_at"):
-        out[c] = pd.to_datetime(out[c])
+    every episode or only ``episode_ids``. ``admins`` (as :func:`_read_admins` gives
+    them), when the caller already holds those episodes' administrations, and
+    ``written``, the (outcomes, sudden changes) rows it has just stored for them (in
+    their :func:`stored_frame` form), save reading them again: they cover the episodes
+    ``held``, or every episode in scope when ``held`` is None; the rest are read."""
+    rest: list[str] = [] if held is None or episode_ids is None else \
+        sorted(set(episode_ids) - held)
+    if written is None:
+        out = _outcome_frame(_scoped(conn, outcomes, None, episode_ids))
+        sud = _bools(_scoped(conn, sudden_changes, None, episode_ids), sudden_changes)
+    else:  # converted part by part: the two read paths give dates in different forms
+        out = _plus(_outcome_frame(written[0]), rest,
+                    lambda ids: _outcome_frame(_scoped(conn, outcomes, None, ids)))
+        sud = _plus(_bools(written[1], sudden_changes), rest,
+                    lambda ids: _bools(_scoped(conn, sudden_changes, None, ids),
+                                       sudden_changes))
     cols = ["episode_id", "measure", "administered_at", "session_number", "score", "risk",
             "risk_value"]
-    adm = admins[cols].copy() if admins is not None else \
-        _scoped(conn, administrations, cols, episode_ids)
+    adm = _plus(admins[cols], rest, lambda ids: _read_admins(conn, ids)[cols]).copy() \
+        if admins is not None else _scoped(conn, administrations, cols, episode_ids)
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
-    sud = _bools(written[1] if written is not None else
-                 _scoped(conn, sudden_changes, None, episode_ids), sudden_changes)
     gl = _scoped(conn, goals, None, episode_ids)
     if not gl.empty:
         latest = gl.groupby("episode_id")["plan_version"].transform("max")
@@ -231,7 +257,7 @@ def _previous_state(conn: sa.Connection) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] | None,
+def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
               state: dict[str, Any], now: datetime, watermark: int) -> set[str]:
     """Open episodes whose flags or goal status may differ from the last run's, though
     no administration or episode record of theirs arrived: the date-based rules moved
@@ -239,30 +265,21 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
     two, and for an end date still ahead, closed episodes too).
 
     Every rule output is a function of the episode's records, the stored reference,
-    the settings and the clock; the clock enters only through comparisons with a
-    review due date (``review_overdue``), the latest score plus N weeks
-    (``missing_measures``) and a goal's due date (goal status, hence the goal flags and
-    the caseload's goal summary). An episode none of whose dates lies between the last
-    run's clock and this one gives the same result as then, so it is left alone.
-    Without a recorded state, or after a setting or a scale definition changed, every
-    open episode is re-evaluated.
+    the settings and the clock; the clock enters only through comparisons with dates
+    (see :func:`pipeline.flags.stable_until`). Each run stores, per open episode it
+    evaluated, the last instant at or after its clock at which all of them still give
+    what they gave (:data:`pipeline.store.episode_clock`). An episode whose instant lies
+    in [last run's clock, this clock) may give something else now and is re-evaluated;
+    the others give the same results as then. The windows of successive runs tile the
+    time line, so a stored instant is never before the last run's clock. Without a
+    recorded state or stored instants, after a setting or a scale definition changed,
+    or with a clock earlier than the last run's, every open episode is re-evaluated.
     """
-    open_eps = read_frame(conn, sa.select(episodes.c.episode_id, episodes.c.start_date)
-                          .where(episodes.c.end_date.is_(None)), raw=True)
-    if previous is None or any(previous.get(k) != state[k] for k in ("settings", "registry")):
-        return set(open_eps["episode_id"])
-    then = datetime.fromisoformat(previous["clock"])
-    # review_overdue and goal status compare a date with the clock's date (due < date):
-    # a result differs between the two clocks only for a date in [earlier date, later
-    # date), empty when both clocks fall on one day. missing_measures compares with the
-    # clock itself (threshold < clock): [earlier clock, later clock).
-    lo, hi = pd.Timestamp(min(then, now)), pd.Timestamp(max(then, now))
-    lo_day, hi_day = lo.normalize(), hi.normalize()
     is_open = episodes.c.end_date.is_(None)
-    open_q = sa.select(episodes.c.episode_id).where(is_open)
-    rv = read_frame(conn, sa.select(reviews.c.review_id, reviews.c.episode_id,
-                                    reviews.c.reviewed_at, reviews.c.next_review)
-                    .where(reviews.c.episode_id.in_(open_q)), raw=True)
+    then = datetime.fromisoformat(previous["clock"]) if previous is not None else None
+    if previous is None or then is None or now < then or not previous.get("stable_until") \
+            or any(previous.get(k) != state[k] for k in ("settings", "registry")):
+        return {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(is_open))}
     # New reviews and plans of any episode: a "revise" review of a closed episode
     # brings a plan version whose goals need a status too.
     changed = {r[0] for r in conn.execute(sa.select(reviews.c.episode_id).where(
@@ -272,32 +289,13 @@ def _moved_on(conn: sa.Connection, settings: Settings, previous: dict[str, Any] 
     if then == now:
         return changed
     # A closed episode's goals are judged as of the earlier of its end and the clock:
-    # with an end date still ahead of the earlier clock, they move with the clock too.
-    if lo_day != hi_day:
+    # with an end date still ahead of the earlier clock's date, they move with the clock.
+    then_day = pd.Timestamp(then).normalize()
+    if then_day != pd.Timestamp(now).normalize():
         changed |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
-            episodes.c.end_date > lo_day.date()))}
-    _, due = flag_rules.review_due(open_eps, rv, settings.review_overdue_weeks)
-    # The latest score: every administration has its episode x measure outcome row,
-    # whose last_at is that group's latest (pipeline.stats.outcomes).
-    last = read_frame(conn, sa.select(outcomes.c.episode_id,
-                                      sa.func.max(outcomes.c.last_at).label("last_at"))
-                      .where(outcomes.c.episode_id.in_(open_q))
-                      .group_by(outcomes.c.episode_id), raw=True)
-    _, threshold = flag_rules.missing_threshold(
-        open_eps, pd.Series(pd.to_datetime(last["last_at"]).to_numpy(),
-                            index=last["episode_id"].to_numpy()),
-        settings.missing_measures_weeks)
-    gd = read_frame(conn, sa.select(goals.c.episode_id, goals.c.due_date)
-                    .where(goals.c.episode_id.in_(open_q) & goals.c.due_date.is_not(None)),
-                    raw=True)
-
-    def within(values: pd.Series, start: pd.Timestamp, stop: pd.Timestamp) -> Any:
-        v = pd.to_datetime(values.astype("object")).astype("datetime64[us]")
-        return ((v >= start) & (v < stop)).to_numpy(dtype=bool)
-
-    ids = open_eps["episode_id"].to_numpy()
-    changed |= set(ids[within(due, lo_day, hi_day) | within(threshold, lo, hi)])
-    changed |= set(gd["episode_id"].to_numpy()[within(gd["due_date"], lo_day, hi_day)])
+            episodes.c.end_date > then_day.date()))}
+    changed |= {r[0] for r in conn.execute(sa.select(episode_clock.c.episode_id).where(
+        (episode_clock.c.stable_until >= then) & (episode_clock.c.stable_until < now)))}
     return changed
 
 
@@ -346,7 +344,9 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         state = {"clock": now.isoformat(), "review_id": int(conn.execute(sa.select(
             sa.func.coalesce(sa.func.max(reviews.c.review_id), 0))).scalar_one()),
             "settings": settings.fingerprint(),
-            "registry": hashlib.sha256(repr(registry).encode()).hexdigest()[:16]}
+            "registry": hashlib.sha256(repr(registry).encode()).hexdigest()[:16],
+            # This run stores each evaluated open episode's stable_until (_moved_on).
+            "stable_until": True}
         previous = _previous_state(conn)
         run_id = int(conn.execute(compute_runs.insert().values(
             started_at=utcnow(), mode=mode, watermark=watermark, status="running",
@@ -383,10 +383,9 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
                 conn.execute(outcomes.delete().where(outcomes.c.episode_id.in_(part)))
                 conn.execute(sudden_changes.delete().where(
                     sudden_changes.c.episode_id.in_(part)))
-        # A full run hands what it wrote to the flag rules rather than reading it back.
-        keep = ids is None
-        out_stored = _insert(conn, outcomes, out, run_id, stored=keep)
-        sudden_stored = _insert(conn, sudden_changes, sudden, run_id, stored=keep)
+        # What was written goes to the flag rules rather than being read back.
+        out_stored = _insert(conn, outcomes, out, run_id, keep=True)
+        sudden_stored = _insert(conn, sudden_changes, sudden, run_id, keep=True)
         if rebuild:
             conn.execute(reference_norms.delete())
             conn.execute(expected_curves.delete())
@@ -405,17 +404,16 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         if ids is None:
             scope: list[str] | None = None
         else:
-            scope = sorted(set(ids) | _moved_on(conn, settings, previous, state, now,
-                                                int(last)))
-        # A full run already holds every administration; an incremental one read only the
-        # touched episodes, while its scope also covers every open one.
-        inp = rule_input(conn, registry, settings, now, scope,
-                         admins=admins if scope is None else None,
-                         written=None if out_stored is None or sudden_stored is None
-                         else (out_stored, sudden_stored))
+            scope = sorted(set(ids) | _moved_on(conn, previous, state, now, int(last)))
+        # The run holds the touched episodes' administrations and outcomes (a full run:
+        # every episode's); the rules read the rest of the scope from the store.
+        inp = rule_input(conn, registry, settings, now, scope, admins=admins,
+                         written=(out_stored, sudden_stored),
+                         held=None if ids is None else set(ids))
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
         _replace(conn, goal_status_table, inp.goals, scope, run_id)
+        _replace(conn, episode_clock, flag_rules.stable_until(inp), scope, run_id)
         open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
         summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
         if scope is None:

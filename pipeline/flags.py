@@ -29,16 +29,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 import sqlalchemy as sa
+from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
+from pipeline.columns import is_in
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import bulk_insert, read_frame, to_records
 from pipeline.store import flags as flags_table
 
-__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold", "refresh",
-           "review_due", "risk_flags"]
+__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold",
+           "refresh", "review_due", "risk_flags", "stable_until"]
 
 #: kind -> default severity (SPEC §8).
 KINDS: dict[str, str] = {
@@ -351,6 +352,42 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
         "message": [f"No outcome measure since {_date(x)}" for x in since_hit],
         "evidence_at": list(threshold[hit_mask]),
     }, [{"last_administration": x, "weeks": weeks} for x in since_hit], "missing_measures")
+
+
+def stable_until(inp: RuleInput) -> pd.DataFrame:
+    """Until when each open episode's clock-dependent results hold (``stable_until``,
+    NaT for ever), as of ``inp.today``; one row per open episode of ``inp.episodes``.
+
+    The clock enters the rules only through three comparisons: a plan review's due date
+    with the clock's date (``review_overdue``: due < date), the latest score plus N
+    weeks with the clock itself (``missing_measures``: threshold < clock) and a goal's
+    due date with the clock's date (goal status: due < date, hence the goal flags and
+    the caseload's goal summary). A result of the first kind holds until the last
+    microsecond of the due date, one of the second kind until the threshold itself
+    (clocks are microseconds). The earliest such instant at or after this clock is
+    returned: at any clock from this one up to it, every result of the episode is what
+    this evaluation gave, as long as its records do not change (which puts it in an
+    incremental run's scope anyway).
+    """
+    open_eps = inp.episodes[inp.episodes["end_date"].isna()]
+    e, due = review_due(open_eps, inp.reviews, inp.settings.review_overdue_weeks)
+    last = inp.administrations.groupby("episode_id")["administered_at"].max()
+    _, threshold = missing_threshold(e, last, inp.settings.missing_measures_weeks)
+    ids = e["episode_id"].to_numpy()
+    day_end = pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
+    at = [pd.DataFrame({"episode_id": ids,
+                        "at": _dt(due).dt.normalize().to_numpy() + day_end}),
+          pd.DataFrame({"episode_id": ids, "at": _dt(threshold).to_numpy()})]
+    g = inp.goals
+    if not g.empty:
+        g = g[is_in(g["episode_id"], ids) & g["due_date"].notna().to_numpy()]
+        at.append(pd.DataFrame({"episode_id": g["episode_id"].to_numpy(),
+                                "at": _dt(g["due_date"]).dt.normalize().to_numpy() + day_end}))
+    c = pd.concat(at, ignore_index=True)
+    c = c[(c["at"] >= pd.Timestamp(inp.today)).to_numpy()]
+    first = c.groupby("episode_id")["at"].min()
+    return pd.DataFrame({"episode_id": ids,
+                         "stable_until": first.reindex(ids).to_numpy(dtype="datetime64[us]")})
 
 
 RULES: dict[str, Callable[[RuleInput], pd.DataFrame]] = {

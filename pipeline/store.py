@@ -311,6 +311,18 @@ caseload = sa.Table(
     sa.Column("run_id", sa.Integer, nullable=False),
 )
 
+#: Until when each open episode's clock-dependent results (plan review due, no recent
+#: score, a goal's due date) hold, as of the compute that last evaluated it
+#: (:func:`pipeline.flags.stable_until`). An incremental compute re-evaluates the open
+#: episodes whose instant lies between the last run's clock and its own, found through
+#: the index rather than by re-deriving every open episode's dates. NULL: for ever.
+episode_clock = sa.Table(
+    "episode_clock", metadata,
+    sa.Column("episode_id", sa.String(200), primary_key=True),
+    sa.Column("stable_until", sa.DateTime, index=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+)
+
 #: Per-episode SPEC §5 indicators (0/1) behind the service outcomes.
 SERVICE_COUNTS = ("finished", "at_caseness", "recovered", "reliably_improved",
                   "reliably_deteriorated", "reliably_recovered")
@@ -353,6 +365,7 @@ def refresh_service_cells(conn: Connection) -> None:
         sa.select(es.c.team, es.c.therapist_id, es.c.end_month,
                   sa.func.count(), *[sa.func.sum(es.c[c]) for c in SERVICE_COUNTS])
         .group_by(es.c.team, es.c.therapist_id, es.c.end_month, es.c.finished)))
+
 
 
 job_runs = sa.Table(

@@ -499,3 +499,51 @@ def test_risk_flag_without_session_number_has_null_evidence() -> None:
                                          "session_number": None}
     assert f["message"] == ("PHQ-9 item 9 answered 2 on 2026-01-05: check risk and the "
                             "safety plan")
+
+
+def test_stable_until_is_the_first_date_rule_flip_at_or_after_the_clock() -> None:
+    """Per open episode, the last instant before a clock comparison flips
+    (hand-computed): review due (due < date: the last microsecond of the due date), no
+    recent score (threshold < clock: the threshold itself), a goal's due date (its last
+    microsecond); instants before the clock do not count; closed episodes get no row;
+    nothing ahead gives NaT."""
+    from pipeline.flags import RuleInput, stable_until
+
+    eps = pd.DataFrame({"episode_id": ["A", "B", "C", "D", "E"],
+                        "start_date": ["2026-01-05"] * 5,
+                        "end_date": [None, None, None, "2026-02-01", None]})
+    rv = pd.DataFrame({"review_id": [1, 2], "episode_id": ["A", "E"],
+                       "reviewed_at": pd.to_datetime(["2026-02-02 10:00", "2026-01-06 10:00"]),
+                       "next_review": ["2026-02-20", "2026-01-10"]})
+    adm = pd.DataFrame({"episode_id": ["A", "A", "B", "E"],
+                        "administered_at": pd.to_datetime([
+                            "2026-02-01 09:00", "2026-02-09 14:30", "2026-01-26 08:15",
+                            "2026-01-06 11:00"])})
+    goals = pd.DataFrame({"episode_id": ["A", "C", "C", "D", "B"],
+                          "due_date": ["2026-03-31", "2026-02-10", "2026-02-27",
+                                       "2026-02-12", None]})
+    inp = RuleInput(outcomes=pd.DataFrame(), administrations=adm, episodes=eps,
+                    sudden=pd.DataFrame(), goals=goals, reviews=rv, registry=load_registry(),
+                    settings=Settings(review_overdue_weeks=6, missing_measures_weeks=4),
+                    today=datetime(2026, 2, 12, 9, 0))
+    got = stable_until(inp).set_index("episode_id")["stable_until"]
+    assert sorted(got.index) == ["A", "B", "C", "E"]  # D is closed
+    # A: review set for 20 Feb (overdue from 21 Feb); last score 9 Feb 14:30 + 4 weeks =
+    # 9 Mar 14:30; goal due 31 Mar. Earliest: the end of 20 Feb.
+    assert got["A"] == pd.Timestamp("2026-02-20 23:59:59.999999")
+    # B: no review, due 5 Jan + 6 weeks = 16 Feb; last score 26 Jan 08:15 + 4 weeks =
+    # 23 Feb 08:15; its goal has no date. Earliest: the end of 16 Feb.
+    assert got["B"] == pd.Timestamp("2026-02-16 23:59:59.999999")
+    # C: no score: start 5 Jan + 4 weeks = 2 Feb (past); review due 16 Feb; goals due
+    # 10 Feb (past) and 27 Feb. Earliest ahead: the end of 16 Feb.
+    assert got["C"] == pd.Timestamp("2026-02-16 23:59:59.999999")
+    # E: review set for 10 Jan (past), score 6 Jan + 4 weeks = 3 Feb (past): for ever.
+    assert pd.isna(got["E"])
+    # A clock exactly at an instant keeps it (the result changes just after it); a
+    # threshold is its own instant: B at 23 Feb 08:15 (past its review) holds until
+    # then.
+    later = RuleInput(**{**inp.__dict__, "today": datetime(2026, 2, 20, 23, 59, 59, 999999)})
+    assert stable_until(later).set_index("episode_id")["stable_until"]["A"] == \
+        pd.Timestamp("2026-02-20 23:59:59.999999")
+    assert stable_until(later).set_index("episode_id")["stable_until"]["B"] == \
+        pd.Timestamp("2026-02-23 08:15")

@@ -33,6 +33,7 @@ from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.outcomes import Reference, episode_outcomes
 from pipeline.stats.reference import partials, reference_from_partials
 from pipeline.store import (
+    CELL_KEY,
     SERVICE_COUNTS,
     Store,
     administrations,
@@ -52,6 +53,7 @@ from pipeline.store import (
     reviews,
     stored_frame,
     sudden_changes,
+    update_service_cells,
     utcnow,
 )
 from pipeline.store import caseload as caseload_table
@@ -426,9 +428,15 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             _insert(conn, caseload_table, summary, run_id)
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
-        _replace(conn, episode_service_table,
-                 svc.astype({c: "int64" for c in SERVICE_COUNTS}), scope, run_id)
-        refresh_service_cells(conn)
+        svc = svc.astype({c: "int64" for c in SERVICE_COUNTS})
+        if scope is not None:  # the scope's rows as they were, for the cells' change
+            before = _scoped(conn, episode_service_table,
+                             [*CELL_KEY, *SERVICE_COUNTS], scope)
+        _replace(conn, episode_service_table, svc, scope, run_id)
+        if scope is None:
+            refresh_service_cells(conn)
+        else:
+            update_service_cells(conn, before, svc)
         timings["flags"] = time.perf_counter() - t4
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(

@@ -26,6 +26,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SERVICE_COUNTS",
     "refresh_service_cells",
+    "update_service_cells",
     "service_cells",
     "read_frame",
     "to_records",
@@ -366,6 +367,68 @@ def refresh_service_cells(conn: Connection) -> None:
                   sa.func.count(), *[sa.func.sum(es.c[c]) for c in SERVICE_COUNTS])
         .group_by(es.c.team, es.c.therapist_id, es.c.end_month, es.c.finished)))
 
+
+
+#: A service cell's key (with whether its episodes are finished).
+CELL_KEY = ("team", "therapist_id", "end_month")
+
+
+def update_service_cells(conn: Connection, before: pd.DataFrame, after: pd.DataFrame
+                         ) -> None:
+    """Apply a change of some episodes' :data:`episode_service` rows (``before``, as
+    read; ``after``, as written) to :data:`service_cells`, by integer sums.
+
+    A cell is a sum over its episodes, so the new sum is the old one minus the
+    ``before`` rows plus the ``after`` rows, exactly: an incremental compute changes a
+    few thousand cells instead of re-summing every episode. A cell left with no
+    episode is deleted. Should the cells not hold what the rows imply (a count would
+    go negative), every cell is re-summed instead (:func:`refresh_service_cells`).
+    """
+    counts = ["episodes", *SERVICE_COUNTS]
+    key = [*CELL_KEY, "_finished"]
+
+    def signed(rows: pd.DataFrame, sign: int) -> pd.DataFrame:
+        out = pd.DataFrame({c: rows[c].astype(object).where(rows[c].notna(), None)
+                            for c in CELL_KEY})
+        out["_finished"] = (pd.to_numeric(rows["finished"]) > 0).to_numpy(dtype=int)
+        out["episodes"] = sign
+        for c in SERVICE_COUNTS:
+            out[c] = sign * pd.to_numeric(rows[c]).to_numpy(dtype="int64")
+        return out
+
+    delta = pd.concat([signed(after, 1), signed(before, -1)], ignore_index=True) \
+        .groupby(key, dropna=False, sort=False)[counts].sum().reset_index()
+    delta = delta[(delta[counts] != 0).any(axis=1).to_numpy()]
+    if delta.empty:
+        return
+    cells = read_frame(conn, sa.select(service_cells))
+    cells["_finished"] = (pd.to_numeric(cells["finished"]) > 0).to_numpy(dtype=int)
+    for c in CELL_KEY:
+        cells[c] = cells[c].astype(object).where(cells[c].notna(), None)
+    m = delta.merge(cells, on=key, how="left", suffixes=("", "_was"))
+    has = m["cell_id"].notna().to_numpy()
+    total = m[counts].to_numpy(dtype="int64")
+    total[has] += m.loc[has, [f"{c}_was" for c in counts]].to_numpy(dtype="int64")
+    if (total < 0).any() or (total[~has, 0] == 0).any():
+        refresh_service_cells(conn)
+        return
+    empty = has & (total[:, 0] == 0)
+    ids = m["cell_id"].to_numpy()
+    gone = [int(x) for x in ids[empty]]
+    for i in range(0, len(gone), 900):
+        conn.execute(service_cells.delete().where(service_cells.c.cell_id.in_(gone[i:i + 900])))
+    change = has & ~empty
+    if change.any():
+        conn.execute(service_cells.update().where(
+            service_cells.c.cell_id == sa.bindparam("cid")).values(
+            **{c: sa.bindparam(f"v_{c}") for c in counts}),
+            [{"cid": int(i), **{f"v_{c}": int(v) for c, v in zip(counts, row, strict=True)}}
+             for i, row in zip(ids[change], total[change], strict=True)])
+    if (~has).any():
+        conn.execute(service_cells.insert(), [
+            {**{c: m.at[j, c] for c in CELL_KEY},
+             **{c: int(v) for c, v in zip(counts, total[j], strict=True)}}
+            for j in np.flatnonzero(~has)])
 
 
 job_runs = sa.Table(

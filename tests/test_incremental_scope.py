@@ -25,7 +25,7 @@ from pipeline.config import Settings
 from pipeline.ingest.batch import ingest_paths
 from pipeline.reviews import record_review
 from pipeline.scales import Registry, load_registry
-from pipeline.store import Store, episodes
+from pipeline.store import SERVICE_COUNTS, Store, episodes
 from pipeline.synth import next_week
 from tests.conftest import fresh_store
 from tests.dashboard_helpers import NOW, SAMPLE
@@ -33,6 +33,23 @@ from tests.dashboard_helpers import NOW, SAMPLE
 TABLES = {"flags": ["flag_id", "last_seen", "acknowledged_at", "review_id"],
           "goal_status": ["run_id"], "caseload": ["run_id"], "episode_service": ["run_id"],
           "service_cells": ["cell_id"]}
+
+
+def _cells_are_the_episodes_sums(store: Store) -> None:
+    """The service cells, updated by difference on incremental runs, equal a fresh sum
+    of the per-episode rows (team x therapist x month x finished, counted by pandas)."""
+    es = store.read_table("episode_service")
+    es["is_finished"] = es["finished"]
+    key = ["team", "therapist_id", "end_month", "is_finished"]
+    want = es.groupby(key, dropna=False).agg(
+        episodes=("episode_id", "size"), **{c: (c, "sum") for c in SERVICE_COUNTS}
+    ).reset_index()
+    got = store.read_table("service_cells").drop(columns="cell_id")
+    cols = ["team", "therapist_id", "end_month", "episodes", *SERVICE_COUNTS]
+    want, got = (f[cols].astype(str).sort_values(cols).reset_index(drop=True)
+                 for f in (want, got))
+    assert len(got) > 5
+    pd.testing.assert_frame_equal(got, want, obj="service cells against a fresh sum")
 
 
 def _snapshot(store: Store) -> dict[str, pd.DataFrame]:
@@ -96,6 +113,7 @@ def test_narrow_scope_gives_what_re_evaluating_every_open_episode_gives(
         a, b = _snapshot(narrow), _snapshot(wide)
         for table in TABLES:
             pd.testing.assert_frame_equal(a[table], b[table], obj=f"{table} after {what}")
+        _cells_are_the_episodes_sums(narrow)
     # Within one day: the review and goal windows are empty, and missing_measures
     # moves exactly with the clock. Take an open episode's missing-measures threshold
     # T (its latest score + N weeks) and step from T - 30 min to T + 30 min (one day).

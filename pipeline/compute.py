@@ -152,28 +152,23 @@ def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: i
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
     f = f[[c for c in cols if c in f.columns]]
-    rows = bulk_insert(conn, table, f, keep_rows=keep)
-    return stored_frame(table, f, rows) if rows is not None else pd.DataFrame()
-
-
-def _table(conn: sa.Connection, table: sa.Table, columns: list[str] | None = None
-           ) -> pd.DataFrame:
-    cols = [table.c[c] for c in columns] if columns else list(table.c)
-    names = [c.name for c in cols]
-    return read_frame(conn, sa.select(*cols)).reindex(columns=names)
+    values = bulk_insert(conn, table, f, keep_values=keep)
+    return stored_frame(table, values) if values is not None else pd.DataFrame()
 
 
 def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
             ids: list[str] | None) -> pd.DataFrame:
     """A table (some columns), restricted to some episodes when ``ids`` is given."""
-    if ids is None:
-        return _table(conn, table, columns)
     cols = [table.c[c] for c in columns] if columns else list(table.c)
-    # raw DBAPI values (dates as the driver gives them): callers convert with pandas.
+    names = [c.name for c in cols]
+    # Raw DBAPI values (dates as the driver gives them), read the same way for every
+    # episode or some: callers convert with pandas. (SQLAlchemy's per-row date
+    # processing took 8.8 of the 10.6 s of a full read of 1.4M goals and 560k episodes.)
+    if ids is None:
+        return read_frame(conn, sa.select(*cols), raw=True).reindex(columns=names)
     parts = [read_frame(conn, sa.select(*cols).where(table.c.episode_id.in_(ids[i:i + 900])),
                         raw=True)
              for i in range(0, len(ids), 900)]
-    names = [c.name for c in cols]
     if not parts:
         return pd.DataFrame(columns=names)
     return pd.concat(parts, ignore_index=True).reindex(columns=names)

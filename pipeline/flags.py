@@ -94,13 +94,22 @@ def _dt(values: pd.Series) -> pd.Series:
     return pd.to_datetime(values.astype("object")).astype("datetime64[us]")
 
 
+def _list(col: pd.Series) -> list[Any]:
+    # numpy numbers, booleans and datetimes, and text: tolist gives the values to_dict
+    # gives (Python scalars, Timestamps, NaN/NaT), without to_dict's per-value boxing.
+    # Nullable and object columns go through to_dict: it gives None for a missing value
+    # of a nullable column (tolist keeps pd.NA, which the evidence JSON would write as
+    # "<NA>") and Python scalars for numpy ones in an object column.
+    if (isinstance(col.dtype, np.dtype) and col.dtype.kind in "biufM") or col.dtype == "str":
+        return col.tolist()
+    return col.to_frame().to_dict(orient="list")[col.name]
+
+
 def _lists(frame: pd.DataFrame, names: list[str]) -> dict[str, list[Any]]:
     """The named columns as Python lists (the values ``to_dict(orient="records")``
     gives), converting only the columns a rule reads (of the outcome table's ~60)."""
-    # to_dict, not tolist: it gives None for a missing value of a nullable column
-    # (tolist keeps pd.NA, which the evidence JSON would write as "<NA>").
-    return {n: frame[[n]].to_dict(orient="list")[n] if n in frame.columns
-            else [None] * len(frame) for n in names}
+    return {n: _list(frame[n]) if n in frame.columns else [None] * len(frame)
+            for n in names}
 
 
 def _frame(columns: dict[str, Any], evidence: list[dict[str, Any]], kind: str

@@ -547,3 +547,28 @@ def test_stable_until_is_the_first_date_rule_flip_at_or_after_the_clock() -> Non
         pd.Timestamp("2026-02-20 23:59:59.999999")
     assert stable_until(later).set_index("episode_id")["stable_until"]["B"] == \
         pd.Timestamp("2026-02-23 08:15")
+
+
+def test_rule_columns_read_as_to_dict_reads_them() -> None:
+    """The rules' column reader gives, for every dtype a rule input holds, exactly the
+    values and Python types ``DataFrame.to_dict`` gives: NaN, NaT and None where a
+    value is missing (never pd.NA, which the evidence JSON would write as "<NA>"),
+    Python scalars where an object column holds numpy ones."""
+    from pipeline.flags import _lists
+
+    df = pd.DataFrame({
+        "i": np.array([1, 2, 3]), "f": [1.5, np.nan, 2.0], "b": [True, False, True],
+        "dt": pd.to_datetime(["2026-01-01 10:00", None, "2026-02-01 00:00"])
+        .astype("datetime64[us]"),
+        "s": pd.Series(["a", None, "c"], dtype="str"),
+        "I": pd.array([1, None, 3], dtype="Int64"),
+        "B": pd.array([True, None, False], dtype="boolean"),
+        "o": pd.Series([None, np.float64(1.5), np.int64(2)], dtype=object)})
+    got = _lists(df, [*df.columns, "absent"])
+    want = df.to_dict(orient="list")
+    for c in df.columns:
+        assert [type(x) for x in got[c]] == [type(x) for x in want[c]], c
+        assert all(x is y or x == y or (x != x and y != y)
+                   for x, y in zip(got[c], want[c], strict=True)), c
+    assert got["I"][1] is None and got["B"][1] is None and type(got["o"][1]) is float
+    assert got["absent"] == [None, None, None]

@@ -269,14 +269,15 @@ def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
     in [last run's clock, this clock) may give something else now and is re-evaluated;
     the others give the same results as then. The windows of successive runs tile the
     time line, so a stored instant is never before the last run's clock. Without a
-    recorded state or stored instants, after a setting or a scale definition changed,
-    or with a clock earlier than the last run's, every open episode is re-evaluated.
+    recorded state, or after a setting or a scale definition changed, every open
+    episode is re-evaluated; so it is, besides the new reviews, plans and closed
+    episodes ending ahead, when the last run stored no instants or the clock went back.
     """
     is_open = episodes.c.end_date.is_(None)
-    then = datetime.fromisoformat(previous["clock"]) if previous is not None else None
-    if previous is None or then is None or now < then or not previous.get("stable_until") \
-            or any(previous.get(k) != state[k] for k in ("settings", "registry")):
-        return {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(is_open))}
+    every_open = sa.select(episodes.c.episode_id).where(is_open)
+    if previous is None or any(previous.get(k) != state[k] for k in ("settings", "registry")):
+        return {r[0] for r in conn.execute(every_open)}
+    then = datetime.fromisoformat(previous["clock"])
     # New reviews and plans of any episode: a "revise" review of a closed episode
     # brings a plan version whose goals need a status too.
     changed = {r[0] for r in conn.execute(sa.select(reviews.c.episode_id).where(
@@ -287,10 +288,13 @@ def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
         return changed
     # A closed episode's goals are judged as of the earlier of its end and the clock:
     # with an end date still ahead of the earlier clock's date, they move with the clock.
-    then_day = pd.Timestamp(then).normalize()
-    if then_day != pd.Timestamp(now).normalize():
+    lo_day = pd.Timestamp(min(then, now)).normalize()
+    if lo_day != pd.Timestamp(max(then, now)).normalize():
         changed |= {r[0] for r in conn.execute(sa.select(episodes.c.episode_id).where(
-            episodes.c.end_date > then_day.date()))}
+            episodes.c.end_date > lo_day.date()))}
+    if now < then or not previous.get("stable_until"):
+        # The stored instants look forward from the last run's clock only.
+        return changed | {r[0] for r in conn.execute(every_open)}
     changed |= {r[0] for r in conn.execute(sa.select(episode_clock.c.episode_id).where(
         (episode_clock.c.stable_until >= then) & (episode_clock.c.stable_until < now)))}
     return changed

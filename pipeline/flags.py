@@ -328,7 +328,9 @@ def review_due(episodes: pd.DataFrame, reviews: pd.DataFrame, weeks: float
     # The latest review's own next date: an earlier review's date is superseded even
     # when the latest one set none (groupby "last" would skip to it).
     latest = ordered.drop_duplicates("episode_id", keep="last").set_index("episode_id")
-    last = pd.DataFrame({"last_review": ordered.groupby("episode_id")["reviewed_at"].max(),
+    # As datetimes: the drivers give text (SQLite) or datetime objects (PostgreSQL), and
+    # the evidence must read the same whichever store it came from.
+    last = pd.DataFrame({"last_review": _dt(ordered.groupby("episode_id")["reviewed_at"].max()),
                          "next_review": latest["next_review"]})
     e = episodes.merge(last, left_on="episode_id", right_index=True, how="left")
     since = _dt(e["last_review"]).fillna(_dt(e["start_date"]))

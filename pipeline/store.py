@@ -396,16 +396,23 @@ def update_service_cells(conn: Connection, before: pd.DataFrame, after: pd.DataF
             out[c] = sign * pd.to_numeric(rows[c]).to_numpy(dtype="int64")
         return out
 
-    delta = pd.concat([signed(after, 1), signed(before, -1)], ignore_index=True) \
-        .groupby(key, dropna=False, sort=False)[counts].sum().reset_index()
-    delta = delta[(delta[counts] != 0).any(axis=1).to_numpy()]
+    def nulls_as_none(frame: pd.DataFrame) -> pd.DataFrame:
+        # A key column with no value (every episode open: no month of end) comes out of
+        # groupby as float NaN; merged with text it would fail, and stored as NaN,
+        # PostgreSQL would keep the text 'NaN'. Missing keys are None, as read.
+        for c in CELL_KEY:
+            frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+        return frame
+
+    delta = nulls_as_none(
+        pd.concat([signed(after, 1), signed(before, -1)], ignore_index=True)
+        .groupby(key, dropna=False, sort=False)[counts].sum().reset_index())
+    delta = delta[(delta[counts] != 0).any(axis=1).to_numpy()].reset_index(drop=True)
     if delta.empty:
         return
     cells = read_frame(conn, sa.select(service_cells))
     cells["_finished"] = (pd.to_numeric(cells["finished"]) > 0).to_numpy(dtype=int)
-    for c in CELL_KEY:
-        cells[c] = cells[c].astype(object).where(cells[c].notna(), None)
-    m = delta.merge(cells, on=key, how="left", suffixes=("", "_was"))
+    m = delta.merge(nulls_as_none(cells), on=key, how="left", suffixes=("", "_was"))
     has = m["cell_id"].notna().to_numpy()
     total = m[counts].to_numpy(dtype="int64")
     total[has] += m.loc[has, [f"{c}_was" for c in counts]].to_numpy(dtype="int64")
@@ -425,8 +432,9 @@ def update_service_cells(conn: Connection, before: pd.DataFrame, after: pd.DataF
             [{"cid": int(i), **{f"v_{c}": int(v) for c, v in zip(counts, row, strict=True)}}
              for i, row in zip(ids[change], total[change], strict=True)])
     if (~has).any():
+        keys = nulls_as_none(m[list(CELL_KEY)].copy())
         conn.execute(service_cells.insert(), [
-            {**{c: m.at[j, c] for c in CELL_KEY},
+            {**{c: keys.at[j, c] for c in CELL_KEY},
              **{c: int(v) for c, v in zip(counts, total[j], strict=True)}}
             for j in np.flatnonzero(~has)])
 

@@ -9,9 +9,10 @@ service indicators and the service cells.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,77 @@ def test_a_revised_plan_of_a_closed_episode_gets_its_goal_status(store: Store) -
     compute(store, settings, reg, now=NOW + timedelta(days=1))
     status = store.read_table("goal_status")
     assert "G9" in set(status.loc[status["episode_id"] == closed, "goal_id"])
+
+
+def test_incremental_runs_give_what_a_full_compute_gives_when_the_clock_goes_back(
+        pair: tuple[Store, Store], tmp_path: Path) -> None:
+    """Against a full compute (same stored reference) rather than the earlier scope: an
+    episode closed with an end date ahead and a revised plan's goal due before that
+    end. Its goal is overdue at a clock after the due date, and on track or at risk
+    again when the clock goes back before it; the incremental run must follow (a
+    fallback that took only the open episodes left it overdue). A new open episode
+    in a new team, with no month of end, opens a service cell whose key is missing."""
+    inc, full = pair
+    settings, reg = Settings(), load_registry()
+    for store in pair:
+        ingest_paths([SAMPLE], store, settings, reg, now=NOW)
+        compute(store, settings, reg, full=True, now=NOW)
+    with inc.engine.connect() as conn:
+        x = conn.execute(sa.select(episodes).where(episodes.c.end_date.is_(None))
+                         .order_by(episodes.c.episode_id).limit(1)).mappings().one()
+    rows = {"referral": {"episode_id": "EXNEW", "client_id": x["client_id"],
+                         "therapist_id": x["therapist_id"], "team": "West",
+                         "start_date": "2026-11-20", "end_date": "", "end_reason": ""},
+            "closing": {"episode_id": x["episode_id"], "client_id": x["client_id"],
+                        "therapist_id": x["therapist_id"], "team": x["team"],
+                        "start_date": x["start_date"], "end_date": "2027-01-31",
+                        "end_reason": "completed"}}
+    for name, row in rows.items():
+        (tmp_path / name).mkdir()
+        pd.DataFrame([row]).to_csv(tmp_path / name / "episodes.csv", index=False)
+    goal = pd.DataFrame([{"goal_id": "G9", "measure": "PHQ-9", "kind": "below",
+                          "target": 0, "due_date": date(2027, 1, 10)}])
+    day = NOW + timedelta(days=1)
+    seen = []
+    for step, clock in (("referral", NOW + timedelta(hours=1)), ("closing", day),
+                        ("", datetime(2027, 1, 20, 12)), ("", datetime(2027, 1, 5, 12))):
+        for store in pair:
+            if step:
+                report = ingest_paths([tmp_path / step], store, settings, reg, now=clock)
+                assert report.as_dict()["accepted"] == 1
+            if step == "closing":
+                record_review(store, x["episode_id"], reviewer="t", decision="revise",
+                              new_goals=goal, now=clock)
+        compute(inc, settings, reg, now=clock)
+        compute(full, settings, reg, full=True, keep_reference=True, now=clock)
+        a, b = _snapshot(inc), _snapshot(full)
+        for table in TABLES:
+            pd.testing.assert_frame_equal(a[table], b[table], obj=f"{table} at {clock}")
+        _cells_are_the_episodes_sums(inc)
+        gs = a["goal_status"]
+        seen.append(gs.loc[(gs["episode_id"] == x["episode_id"]) & (gs["goal_id"] == "G9"),
+                           "status"].tolist())
+    assert seen[2] == ["overdue"] and seen[3] not in ([], ["overdue"]), seen
+
+
+def test_review_overdue_evidence_is_the_same_from_any_run_and_store(
+        pair: tuple[Store, Store]) -> None:
+    """The latest review's time in a review_overdue flag's evidence reads the same
+    after an incremental run and a full compute, on SQLite (which gives the driver's
+    text) and PostgreSQL (datetime objects): "2026-11-20 10:30:00"."""
+    store, _ = pair
+    settings, reg = Settings(), load_registry()
+    ingest_paths([SAMPLE], store, settings, reg, now=NOW)
+    compute(store, settings, reg, full=True, now=NOW)
+    with store.engine.connect() as conn:
+        x = conn.execute(sa.select(episodes.c.episode_id).where(episodes.c.end_date.is_(None))
+                         .order_by(episodes.c.episode_id).limit(1)).scalar_one()
+    record_review(store, x, reviewer="t", decision="continue", next_review=date(2026, 12, 1),
+                  now=datetime(2026, 11, 20, 10, 30))
+    for full in (False, True):
+        compute(store, settings, reg, full=full, now=datetime(2026, 12, 5, 9))
+        f = store.read_table("flags")
+        f = f[(f["episode_id"] == x) & (f["kind"] == "review_overdue")]
+        evidence = json.loads(f["evidence"].item())
+        assert evidence["last_review"] == "2026-11-20 10:30:00", (full, evidence)
+        assert evidence["review_due"] == "2026-12-01 00:00:00", (full, evidence)

@@ -269,13 +269,14 @@ def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
     in [last run's clock, this clock) may give something else now and is re-evaluated;
     the others give the same results as then. The windows of successive runs tile the
     time line, so a stored instant is never before the last run's clock. Without a
-    recorded state, or after a setting or a scale definition changed, every open
-    episode is re-evaluated; so it is, besides the new reviews, plans and closed
-    episodes ending ahead, when the last run stored no instants or the clock went back.
+    recorded state every open episode is re-evaluated; so it is, besides the new
+    reviews, plans and closed episodes ending ahead, when the last run stored no
+    instants or the clock went back. (A changed setting or scale definition makes the
+    run a full one: see :func:`compute`.)
     """
     is_open = episodes.c.end_date.is_(None)
     every_open = sa.select(episodes.c.episode_id).where(is_open)
-    if previous is None or any(previous.get(k) != state[k] for k in ("settings", "registry")):
+    if previous is None:  # a run older than the recorded state
         return {r[0] for r in conn.execute(every_open)}
     then = datetime.fromisoformat(previous["clock"])
     # New reviews and plans of any episode: a "revise" review of a closed episode
@@ -329,9 +330,21 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             compute_runs.c.status == "done")).scalar_one()
         has_reference = conn.execute(sa.select(sa.func.count()).select_from(
             reference_norms)).scalar_one() > 0
+        state = {"clock": now.isoformat(), "review_id": int(conn.execute(sa.select(
+            sa.func.coalesce(sa.func.max(reviews.c.review_id), 0))).scalar_one()),
+            "settings": settings.fingerprint(),
+            "registry": hashlib.sha256(repr(registry).encode()).hexdigest()[:16],
+            # This run stores each evaluated open episode's stable_until (_moved_on).
+            "stable_until": True}
+        previous = _previous_state(conn)
         # Without a stored reference (first run, or an empty store before) the run is full
         # and builds one, whatever was asked: a reference from a partition would be wrong.
-        mode = "full" if full or last is None or not has_reference else "incremental"
+        # So it is after a setting or a scale definition changed: every episode's
+        # statistics, reference and flags may differ, not only those with new records.
+        reconfigured = previous is not None and any(
+            previous.get(k) != state[k] for k in ("settings", "registry"))
+        mode = "full" if full or last is None or not has_reference or reconfigured \
+            else "incremental"
         if mode == "incremental":
             # No DISTINCT: SQLite would answer it by scanning the whole unique index
             # rather than searching the batch_id index for the few new rows.
@@ -342,13 +355,6 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             ids: list[str] | None = sorted(touched)
         else:
             ids = None
-        state = {"clock": now.isoformat(), "review_id": int(conn.execute(sa.select(
-            sa.func.coalesce(sa.func.max(reviews.c.review_id), 0))).scalar_one()),
-            "settings": settings.fingerprint(),
-            "registry": hashlib.sha256(repr(registry).encode()).hexdigest()[:16],
-            # This run stores each evaluated open episode's stable_until (_moved_on).
-            "stable_until": True}
-        previous = _previous_state(conn)
         run_id = int(conn.execute(compute_runs.insert().values(
             started_at=utcnow(), mode=mode, watermark=watermark, status="running",
             scope_state=json.dumps(state))).inserted_primary_key[0])  # type: ignore[index]

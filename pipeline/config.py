@@ -101,9 +101,9 @@ class Settings:
 
     def fingerprint(self) -> str:
         """A digest of the settings that can change a statistic, a goal status or a flag
-        (all but the secrets and :data:`_OPERATIONAL`): when it changes, an incremental
-        compute re-evaluates every open episode. A new setting counts unless listed as
-        operational, so forgetting to list one costs one wide run, never a stale flag."""
+        (all but the secrets and :data:`_OPERATIONAL`): when it changes, the next compute
+        is a full one. A new setting counts unless listed as operational, so forgetting
+        to list one costs one full run, never a stale statistic or flag."""
         public = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in _SECRET_FIELDS | _OPERATIONAL}
         text = json.dumps(public, sort_keys=True, default=str)

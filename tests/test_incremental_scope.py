@@ -153,26 +153,47 @@ def test_narrow_scope_gives_what_re_evaluating_every_open_episode_gives(
     assert set(last.loc[threshold == crossing, "episode_id"]) <= set(missing["episode_id"])
 
 
-def test_a_changed_setting_or_scale_re_evaluates_every_open_episode(store: Store) -> None:
+def test_a_changed_setting_or_scale_makes_the_next_run_a_full_one(store: Store) -> None:
+    """A setting or a scale definition can change any episode's statistics and flags,
+    not only the touched ones': the next run recomputes everything (and the one after
+    it is incremental again). Where the store or the inbox is changes no result."""
     reg = load_registry()
     ingest_paths([SAMPLE], store, Settings(), reg, now=NOW)
     compute(store, Settings(), reg, full=True, now=NOW)
-    with store.engine.connect() as conn:
-        n_open = conn.execute(sa.select(sa.func.count()).select_from(episodes).where(
-            episodes.c.end_date.is_(None))).scalar_one()
-    assert compute(store, Settings(), reg, now=NOW).rule_scope == 0
-    # Where the store or the inbox is changes no result.
+    rep = compute(store, Settings(), reg, now=NOW)
+    assert (rep.mode, rep.rule_scope) == ("incremental", 0)
     moved = Settings(data_dir=Path("elsewhere"), inbox=Path("elsewhere/in"),
                      database_url="sqlite:///elsewhere.db", chunk_rows=10)
-    assert compute(store, moved, reg, now=NOW).rule_scope == 0
-    changed = Settings(review_overdue_weeks=2)
-    assert compute(store, changed, reg, now=NOW).rule_scope == n_open
-    assert compute(store, changed, reg, now=NOW).rule_scope == 0
-    # So does a changed scale definition.
+    rep = compute(store, moved, reg, now=NOW)
+    assert (rep.mode, rep.rule_scope) == ("incremental", 0)
+    # GAD-7 caseness at 10 instead of 8 moves closed, untouched episodes' caseness and
+    # recovery: the run must give what a full compute gives.
+    changed = Settings(gad7_caseness=10)
+    tables = ("outcomes", "episode_service", "goal_status", "caseload")
+
+    def snap() -> dict[str, pd.DataFrame]:
+        out = {}
+        for t in tables:
+            df = store.read_table(t).drop(columns="run_id")
+            out[t] = df.sort_values(list(df.columns[:3])).reset_index(drop=True)
+        return out
+
+    before = snap()
+    for settings, registry in ((changed, reg), (changed, _edited(reg))):
+        rep = compute(store, settings, registry, now=NOW)
+        assert (rep.mode, rep.rule_scope) == ("full", None)
+        got = snap()
+        compute(store, settings, registry, full=True, keep_reference=True, now=NOW)
+        for t, want in snap().items():
+            pd.testing.assert_frame_equal(got[t], want, obj=t)
+        rep = compute(store, settings, registry, now=NOW)
+        assert (rep.mode, rep.rule_scope) == ("incremental", 0)
+    assert not before["episode_service"].equals(got["episode_service"])
+
+
+def _edited(reg: Registry) -> Registry:
     phq = reg.scales["PHQ-9"]
-    edited = Registry(scales={**reg.scales, "PHQ-9": replace(phq, name=phq.name + " (v2)")})
-    assert compute(store, changed, edited, now=NOW).rule_scope == n_open
-    assert compute(store, changed, edited, now=NOW).rule_scope == 0
+    return Registry(scales={**reg.scales, "PHQ-9": replace(phq, name=phq.name + " (v2)")})
 
 
 def test_a_revised_plan_of_a_closed_episode_gets_its_goal_status(store: Store) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stats.groups import group_administrations
+from pipeline.stats.groups import group_administrations, stable_order
 
 
 def frame(seed: int, n: int = 2000) -> pd.DataFrame:
@@ -41,6 +41,11 @@ def test_group_order_equals_a_stable_sort(seed: int) -> None:
     assert g.k.tolist() == k
     assert g.gid.tolist() == gid
     assert g.n_groups == len(set(keys))
+    # Each group's measure, as a code into the sorted distinct measures.
+    assert [g.measures[c] for c in g.mcode] == [keys[s][1] for s in starts]
+    assert list(g.measures) == sorted(set(a["measure"]))
+    assert g.per_measure({"PHQ-9": 9}, 0).tolist() == \
+        [9 if keys[s][1] == "PHQ-9" else 0 for s in starts]
 
 
 def test_empty() -> None:
@@ -62,3 +67,14 @@ def test_rows_already_in_time_order_keep_the_stable_order(seed: int) -> None:
     heads = expected.drop_duplicates(["episode_id", "measure"])
     pd.testing.assert_frame_equal(g.first(["episode_id", "measure"]),
                                   heads[["episode_id", "measure"]].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("top", [1, 40_000, 1 << 16, 2_000_000, 1 << 40])
+def test_stable_order_is_numpys_stable_argsort(top: int) -> None:
+    """The radix order equals numpy's stable argsort, ties in input order, for keys of
+    one, two and three 16-bit digits (and a key exactly at a digit boundary)."""
+    rng = np.random.default_rng(top % 97)
+    key = rng.integers(0, top + 1, 50_000).astype(np.int64)
+    key[:3] = [top, 0, top]
+    assert stable_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+    assert stable_order(np.array([], dtype=np.int64)).size == 0

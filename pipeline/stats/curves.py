@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.scales import Registry
+from pipeline.stats.groups import Grouped
 
 __all__ = ["ALL_BANDS", "DEFAULT_CURVES", "DEFAULT_PERCENTILE", "baseline_band",
            "build_curves", "curves_from_histogram", "default_curves", "lookup_curve",
@@ -43,20 +44,34 @@ ALL_BANDS = "all"
 CURVE_COLUMNS = ["measure", "band", "k", "n", "median", "upper", "lower", "source"]
 
 
-def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry) -> pd.Series:
-    """Severity band label of each (measure, baseline score); ``"all"`` without bands."""
-    out = pd.Series(ALL_BANDS, index=measure.index, dtype="str")
-    for code, scale in registry.items():
-        if not scale.bands:
+def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry,
+                  grouped: Grouped | None = None) -> pd.Series:
+    """Severity band label of each (measure, baseline score); ``"all"`` without bands.
+
+    ``grouped``: when ``measure`` holds one row per group of that
+    :class:`~pipeline.stats.groups.Grouped`, its measure codes save factorising the text.
+    """
+    if grouped is not None and grouped.n_groups == len(measure):
+        mcode, names = grouped.mcode, [str(m) for m in grouped.measures]
+    else:
+        codes, uniques = pd.factorize(measure)
+        mcode, names = codes.astype(np.int64), [str(m) for m in uniques]
+    # Band codes per row into one list of labels, then one gather of the text.
+    labels: list[str] = [ALL_BANDS]
+    code = np.zeros(len(measure), dtype=np.int64)
+    x = score.to_numpy(dtype=float)
+    for i, name in enumerate(names):
+        scale = registry.get(name)
+        if scale is None or not scale.bands:
             continue
-        mask = (measure == code).to_numpy()
+        mask = mcode == i
         if not mask.any():
             continue
         mins = np.array([b.min for b in scale.bands])
-        labels = np.array([b.label for b in scale.bands], dtype=object)
-        idx = np.searchsorted(mins, score[mask].to_numpy(dtype=float), side="right") - 1
-        out[mask] = labels[np.clip(idx, 0, len(labels) - 1)]
-    return out
+        idx = np.searchsorted(mins, x[mask], side="right") - 1
+        code[mask] = len(labels) + np.clip(idx, 0, len(scale.bands) - 1)
+        labels += [b.label for b in scale.bands]
+    return pd.Series(pd.array(labels, dtype="str").take(code), index=measure.index)
 
 
 def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,

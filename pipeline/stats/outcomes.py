@@ -99,8 +99,9 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     with np.errstate(invalid="ignore", divide="ignore"):
         out["pct_change"] = np.where(first != 0, 100.0 * change / first, np.nan)
 
-    higher = measure.map({c: s.higher_is_better for c, s in registry.items()}) \
-        .fillna(False).to_numpy(dtype=bool)
+    mcode = g.mcode
+    higher = g.per_measure({c: s.higher_is_better for c, s in registry.items()}, False,
+                           dtype=bool)
     better_change = np.where(higher, change, -change)
 
     # Reliable change (JT, reference SD) and fixed points, one registry pass.
@@ -115,8 +116,11 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     case_last = np.full(len(out), None, dtype=object)
     remission = np.full(len(out), None, dtype=object)
     rc_points = np.full(len(out), np.nan)
+    codes = {str(name): i for i, name in enumerate(g.measures)}
     for code, scale in registry.items():
-        m = (measure == code).to_numpy()
+        if code not in codes:
+            continue
+        m = mcode == codes[code]
         if not m.any():
             continue
         caseness = settings.caseness(scale.caseness_setting, scale.caseness_cutoff)
@@ -185,7 +189,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["stalled_ci_includes_zero"] = ci_zero.fillna(False)
 
     # Expected recovery curves and not on track at the latest administration.
-    out["band"] = baseline_band(measure, out["first_score"], registry)
+    out["band"] = baseline_band(measure, out["first_score"], registry, grouped=g)
     out["k_last"] = n
     prev_score = np.where(n >= 2, score[np.maximum(ends - 1, 0)], -1)
     cur = lookup_curve(out[["measure", "band"]].assign(k=n), reference.curves)
@@ -194,7 +198,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["expected_median"] = cur["median"].to_numpy()
     out["expected_upper"] = cur["upper"].to_numpy()
     out["expected_lower"] = cur["lower"].to_numpy()
-    out["curve_source"] = cur["source"].to_numpy()
+    out["curve_source"] = cur["source"].array
     k_from = settings.not_on_track_from
     bound = np.where(higher, cur["lower"].to_numpy(), cur["upper"].to_numpy())
     not_ok = np.where(higher, last < bound, last > bound)
@@ -208,31 +212,36 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
 
     session = g.values("session_number", dtype=float, na_value=np.nan) \
         if "session_number" in admins.columns else None
-    sudden = _sudden(score, k, session, gid_np, starts, out, registry)
-    counts = sudden.groupby(["episode_id", "measure", "kind"]).agg(
-        n=("pregain_session", "size"), first=("pregain_session", "min")).reset_index()
+    sudden, group_of = _sudden(score, k, session, gid_np, starts, out, g, registry)
+    # Count and first session per group and kind, by group code (no text-keyed merge).
+    kind_of = sudden["kind"].to_numpy(dtype=object)
+    pregain = sudden["pregain_session"].to_numpy(dtype=np.int64)
     for kind, n_col, first_col in (("gain", "sudden_gains", "first_sudden_gain"),
                                    ("loss", "sudden_losses", "first_sudden_loss")):
-        c = counts[counts["kind"] == kind].drop(columns="kind")
-        c = c.rename(columns={"n": n_col, "first": first_col})
-        out = out.merge(c, on=["episode_id", "measure"], how="left")
-        out[n_col] = out[n_col].fillna(0).astype("int64")
-        out[first_col] = out[first_col].astype("Int64")
+        of = kind_of == kind
+        out[n_col] = np.bincount(group_of[of], minlength=n_groups).astype(np.int64)
+        first_at = np.full(n_groups, np.iinfo(np.int64).max)
+        np.minimum.at(first_at, group_of[of], pregain[of])
+        none_yet = first_at == np.iinfo(np.int64).max
+        out[first_col] = pd.arrays.IntegerArray(np.where(none_yet, 0, first_at), none_yet)
     out["trend_status"] = np.where(out["n"] < 3, "insufficient data", "ok")
     return out, sudden
 
 
 def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: np.ndarray,
-            starts: np.ndarray, out: pd.DataFrame, registry: Registry) -> pd.DataFrame:
-    """Sudden gains and losses through :func:`sudden_gains` (one shared implementation).
+            starts: np.ndarray, out: pd.DataFrame, g: Grouped, registry: Registry
+            ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Sudden gains and losses through :func:`sudden_gains` (one shared implementation),
+    and the group code of each.
 
     Scores are placed by ``session_number`` when every administration of the group has a
     distinct one (so a missing session leaves a gap), else by administration order.
     Arrays are per administration in group order (:class:`Grouped`).
     """
     n_groups = starts.size
+    none = np.array([], dtype=np.int64)
     if n_groups == 0:
-        return pd.DataFrame(columns=SUDDEN_COLUMNS)
+        return pd.DataFrame(columns=SUDDEN_COLUMNS), none
     col = k - 1
     if session is not None:
         sn = session
@@ -251,14 +260,15 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             distinct[suspect] = True
             distinct[repeated] = False
         usable = (has_all & distinct)[gid]
-        col = np.where(usable, np.nan_to_num(sn, nan=1).astype(np.int64) - 1, col)
+        col = np.where(usable, sn, k).astype(np.int64) - 1  # usable: no NaN
     keep = (col >= 0) & (col < max_gain_columns)
     width = int(col[keep].max()) + 1 if keep.any() else 1
     # Criterion 1 needs a change of at least the scale's points between consecutive
     # sessions, so only groups with such a pair (found on the rows, in order) go into
     # the session matrix; a group whose sessions are not in row order goes in unchecked.
-    points = out["measure"].map({c: s.reliable_change_points for c, s in registry.items()})
-    points_row = points.to_numpy(dtype=float, na_value=np.nan)[gid]
+    points = g.per_measure({c: s.reliable_change_points for c, s in registry.items()
+                            if s.reliable_change_points is not None}, np.nan, dtype=float)
+    points_row = points[gid]
     same = gid[1:] == gid[:-1]
     pair = same & keep[1:] & keep[:-1] & (col[1:] == col[:-1] + 1)
     with np.errstate(invalid="ignore"):
@@ -271,15 +281,16 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
     slot = np.cumsum(flagged) - 1
     matrix = np.full((groups.size, width), np.nan)
     matrix[slot[gid[inside]], col[inside]] = score[inside]
-    measures = out["measure"].to_numpy()[groups]
+    measures = g.mcode[groups]
+    codes = {str(name): i for i, name in enumerate(g.measures)}
     # Change from each session to the next (positive = the score fell); a pair with a
     # missing session is NaN and never a candidate.
     fall = matrix[:, :-1] - matrix[:, 1:]
-    frames = []
+    frames, group_of = [], []
     for code, scale in registry.items():
-        if scale.reliable_change_points is None:
+        if scale.reliable_change_points is None or code not in codes:
             continue
-        rows = np.flatnonzero(measures == code)
+        rows = np.flatnonzero(measures == codes[code])
         if rows.size == 0:
             continue
         better = -1.0 if scale.higher_is_better else 1.0
@@ -300,6 +311,7 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             if hit.empty:
                 continue
             r = groups[rows_k[hit["row"].to_numpy()]]
+            group_of.append(r)
             j = hit["pregain_session"].to_numpy()
             frames.append(pd.DataFrame({
                 "episode_id": out["episode_id"].take(r).to_numpy(), "measure": code,
@@ -311,5 +323,6 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
                 "crit3_adjusted": hit["crit3_adjusted"].to_numpy(dtype=bool),
             }))
     if not frames:
-        return pd.DataFrame(columns=SUDDEN_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[SUDDEN_COLUMNS]
+        return pd.DataFrame(columns=SUDDEN_COLUMNS), none
+    return pd.concat(frames, ignore_index=True)[SUDDEN_COLUMNS], \
+        np.concatenate(group_of).astype(np.int64)

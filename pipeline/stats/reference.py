@@ -85,7 +85,7 @@ def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
     firsts = f.groupby("measure", observed=True).agg(
         n=("x", "size"), s1=("x", "sum"), s2=("x2", "sum")).reset_index()
     # Band and "finished" belong to the episode x measure: one per group, then per row.
-    band = baseline_band(f["measure"], f["x"], registry)
+    band = baseline_band(f["measure"], f["x"], registry, grouped=g)
     m_code, m_names = pd.factorize(f["measure"], sort=True)
     b_code, b_names = pd.factorize(band, sort=True)
     done_g = is_in(heads["episode_id"], ended)
@@ -96,7 +96,14 @@ def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
     # codes keep the text order, so this equals a sorted groupby, without text keys.
     if x.size:
         lo_x, n_k, n_x = int(x.min()), int(k.max()), int(x.max() - x.min()) + 1
-        key, count = np.unique((mb * n_k + (k - 1)) * n_x + (x - lo_x), return_counts=True)
+        codes = (mb * n_k + (k - 1)) * n_x + (x - lo_x)
+        span = (int(mb.max()) + 1) * n_k * n_x
+        if span <= 4 * codes.size + 1_000_000:  # a dense count: linear, no sort
+            counts = np.bincount(codes, minlength=span)
+            key = np.flatnonzero(counts)
+            count = counts[key]
+        else:
+            key, count = np.unique(codes, return_counts=True)
     else:
         lo_x, n_k, n_x = 0, 1, 1
         key, count = np.array([], dtype=np.int64), np.array([], dtype=np.int64)

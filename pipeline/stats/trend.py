@@ -49,26 +49,27 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
         keep &= want[codes]
     for m in np.unique(sizes[keep]):
         sel = np.flatnonzero(keep & (sizes == m))
-        idx = starts[sel][:, None] + np.arange(m)
+        # Built pairs x groups, so each difference is one long contiguous row per shift
+        # (a groups x pairs layout loops over short rows), then turned for the median.
+        idx = starts[sel] + np.arange(m)[:, None]
         d, y = day[idx].astype(float), score[idx]
-        # Every pair (i, i + s): one block of columns per shift s, built from slices
-        # (the median does not depend on the order of the pairs).
         width = int(m * (m - 1) // 2)
-        dd, dy = np.empty((sel.size, width)), np.empty((sel.size, width))
+        dd, dy = np.empty((width, sel.size)), np.empty((width, sel.size))
         at = 0
         for shift in range(1, int(m)):
-            np.subtract(d[:, shift:], d[:, :-shift], out=dd[:, at:at + m - shift])
-            np.subtract(y[:, shift:], y[:, :-shift], out=dy[:, at:at + m - shift])
+            np.subtract(d[shift:], d[:-shift], out=dd[at:at + m - shift])
+            np.subtract(y[shift:], y[:-shift], out=dy[at:at + m - shift])
             at += int(m) - shift
-        # Days are sorted, so a group has a pair on one day iff two neighbours share it.
-        ties = (dd[:, :m - 1] == 0).any(axis=1)
+        ties = (dd[:m - 1] == 0).any(axis=0)  # equal days, from adjacent pairs
         with np.errstate(invalid="ignore", divide="ignore"):
-            slopes = np.divide(dy, dd, out=dy)
+            np.divide(dy, dd, out=dy)
         if ties.any():
-            slopes[dd == 0] = np.nan
-            valid = width - (dd == 0).sum(axis=1)
+            zero = dd == 0
+            dy[zero] = np.nan
+            valid = width - zero.sum(axis=0)
         else:
             valid = np.full(sel.size, width)
+        slopes = np.ascontiguousarray(dy.T)
         # Rows with every pair valid need only the two middle order statistics
         # (a partition); rows with equal days are sorted, their NaNs last.
         middle = [(width - 1) // 2, width // 2]
@@ -171,7 +172,9 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
     enough = (n >= min_points) & (sxx > 0)
     slope = np.where(enough, slope, np.nan)
     se = np.where(enough, se, np.nan)
-    t = special.stdtrit(np.where(n > 2, n - 2, 1), 1 - alpha / 2)  # t.ppf's kernel
+    # t.ppf's kernel, once per distinct degrees of freedom (few) rather than per group.
+    df_values, df_index = np.unique(np.where(n > 2, n - 2, 1), return_inverse=True)
+    t = special.stdtrit(df_values, 1 - alpha / 2)[df_index]
     in_order = contiguous and bool(np.all((d[1:] >= d[:-1]) | (gid[1:] != gid[:-1]))) if gid.size else True
     order = slice(None) if in_order else np.lexsort((d, gid))
     ts = theil_sen(gid[order], d[order], y[order].astype(float), n_groups, want=enough)

@@ -74,6 +74,12 @@ class Grouped:
         return self.source[columns].take(self.order[self.starts]).reset_index(drop=True)
 
     @cached_property
+    def heads(self) -> pd.DataFrame:
+        """``episode_id`` and ``measure`` of each group (:meth:`first`), gathered once for
+        every statistic that needs them; callers copy it before adding columns."""
+        return self.first(["episode_id", "measure"])
+
+    @cached_property
     def frame(self) -> pd.DataFrame:
         """The whole frame in group order (every column gathered: for tests and tools)."""
         return self.source.take(self.order).reset_index(drop=True)

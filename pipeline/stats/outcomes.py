@@ -80,7 +80,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     date = at.astype("datetime64[D]")
     day = (date - date[starts][gid_np]).astype(np.int64)
 
-    out = g.first(["episode_id", "measure"])
+    out = g.heads.copy()
     measure = out["measure"]
     n = (ends - starts + 1).astype(np.int64)
     first = score[starts]
@@ -224,7 +224,8 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
         np.minimum.at(first_at, group_of[of], pregain[of])
         none_yet = first_at == np.iinfo(np.int64).max
         out[first_col] = pd.arrays.IntegerArray(np.where(none_yet, 0, first_at), none_yet)
-    out["trend_status"] = np.where(out["n"] < 3, "insufficient data", "ok")
+    out["trend_status"] = pd.array(["ok", "insufficient data"], dtype="str").take(
+        (n < 3).astype(np.int64))
     return out, sudden
 
 
@@ -259,8 +260,11 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             repeated = gs[1:][(gs[1:] == gs[:-1]) & (ss[1:] == ss[:-1])]
             distinct[suspect] = True
             distinct[repeated] = False
-        usable = (has_all & distinct)[gid]
-        col = np.where(usable, sn, k).astype(np.int64) - 1  # usable: no NaN
+        usable_g = has_all & distinct
+        if usable_g.all():  # the usual case: placed by session number throughout
+            col = sn.astype(np.int64) - 1
+        else:
+            col = np.where(usable_g[gid], sn, k).astype(np.int64) - 1  # usable: no NaN
     keep = (col >= 0) & (col < max_gain_columns)
     width = int(col[keep].max()) + 1 if keep.any() else 1
     # Criterion 1 needs a change of at least the scale's points between consecutive

@@ -79,7 +79,7 @@ def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
                         pd.DataFrame(columns=HIST_COLUMNS))
     g = grouped if grouped is not None else group_administrations(admins)
     score = g.values("score", dtype=np.int64)
-    heads = g.first(["episode_id", "measure"])
+    heads = g.heads
     f = pd.DataFrame({"measure": heads["measure"], "x": score[g.starts]})
     f["x2"] = f["x"] * f["x"]
     firsts = f.groupby("measure", observed=True).agg(
@@ -89,9 +89,10 @@ def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
     m_code, m_names = pd.factorize(f["measure"], sort=True)
     b_code, b_names = pd.factorize(band, sort=True)
     done_g = is_in(heads["episode_id"], ended)
-    done = done_g[g.gid]
+    done = np.flatnonzero(done_g[g.gid])  # rows of finished episodes, found once
+    gid = g.gid[done]
     k, x = g.k[done], score[done]
-    mb = (m_code.astype(np.int64) * len(b_names) + b_code)[g.gid[done]]
+    mb = (m_code.astype(np.int64) * len(b_names) + b_code)[gid]
     # Histogram by one integer key whose order is (measure, band, k, score): sorted
     # codes keep the text order, so this equals a sorted groupby, without text keys.
     if x.size:

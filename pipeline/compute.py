@@ -204,13 +204,16 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                today: datetime, episode_ids: list[str] | None = None,
                admins: pd.DataFrame | None = None,
                written: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-               held: set[str] | None = None) -> flag_rules.RuleInput:
+               held: set[str] | None = None,
+               grouped: Grouped | None = None) -> flag_rules.RuleInput:
     """Read what the flag rules need from the store (outcomes must be current), for
     every episode or only ``episode_ids``. ``admins`` (as :func:`_read_admins` gives
     them), when the caller already holds those episodes' administrations, and
     ``written``, the (outcomes, sudden changes) rows it has just stored for them (in
     their :func:`stored_frame` form), save reading them again: they cover the episodes
-    ``held``, or every episode in scope when ``held`` is None; the rest are read."""
+    ``held``, or every episode in scope when ``held`` is None; the rest are read.
+    ``grouped``, the group order of ``admins``, serves the goal status when nothing
+    else was read."""
     rest: list[str] = [] if held is None or episode_ids is None else \
         sorted(set(episode_ids) - held)
     if written is None:
@@ -234,7 +237,8 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
         latest = gl.groupby("episode_id")["plan_version"].transform("max")
         gl = gl[gl["plan_version"] == latest]
         gl = gl.merge(eps[["episode_id", "end_date"]], on="episode_id", how="left")
-        gl = goal_status(gl, adm, out, registry, settings, today)
+        gl = goal_status(gl, adm, out, registry, settings, today,
+                         grouped=grouped if admins is not None and not rest else None)
         gl = gl.merge(out[["episode_id", "measure", "last_at"]].rename(
             columns={"last_at": "_last"}), on=["episode_id", "measure"], how="left")
         if "last_at" not in gl.columns:
@@ -416,7 +420,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # every episode's); the rules read the rest of the scope from the store.
         inp = rule_input(conn, registry, settings, now, scope, admins=admins,
                          written=(out_stored, sudden_stored),
-                         held=None if ids is None else set(ids))
+                         held=None if ids is None else set(ids), grouped=grouped)
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
         _replace(conn, goal_status_table, inp.goals, scope, run_id)

@@ -35,6 +35,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.scales import Registry
+from pipeline.stats.groups import Grouped
 
 __all__ = ["GOAL_STATUSES", "goal_status"]
 
@@ -89,8 +90,31 @@ def _meets(kind: pd.Series | pd.Categorical, score: np.ndarray, first: np.ndarra
         [strict, inclusive, inclusive, strict, at_case_first & strict], default=False)
 
 
+def _ranges_of_groups(grouped: Grouped, keys: pd.DataFrame
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each (episode_id, measure) row of ``keys``: the first position and the number
+    of its administrations in ``grouped.order`` (0 rows when it has none), and that
+    order. The groups are in (episode_id, measure) text order, so integer codes from
+    one sorted factorisation of both key sets are ascending over the groups and each
+    key is found by binary search."""
+    heads = grouped.heads
+    both = pd.concat([heads, keys], ignore_index=True)
+    ep = pd.factorize(both["episode_id"], sort=True)[0].astype(np.int64)
+    ms = pd.factorize(both["measure"], sort=True)[0].astype(np.int64)
+    key = ep * (int(ms.max()) + 1 if ms.size else 1) + ms
+    hkey, gkey = key[:len(heads)], key[len(heads):]
+    at = np.searchsorted(hkey, gkey)
+    found = at < hkey.size
+    found[found] = hkey[at[found]] == gkey[found]
+    safe = np.where(found, at, 0)
+    lo = np.where(found, grouped.starts[safe] if hkey.size else 0, 0)
+    count = np.where(found, grouped.sizes[safe] if hkey.size else 0, 0)
+    return lo.astype(np.int64), count.astype(np.int64), grouped.order
+
+
 def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFrame,
-                registry: Registry, settings: Settings, today: datetime) -> pd.DataFrame:
+                registry: Registry, settings: Settings, today: datetime,
+                grouped: Grouped | None = None) -> pd.DataFrame:
     """Status of every goal.
 
     Parameters
@@ -105,6 +129,9 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     today
         The date the status is judged on (naive UTC); for goals carrying an
         ``end_date`` (closed episodes), the earlier of the two.
+    grouped
+        ``admins`` (row for row) already ordered into episode x measure groups, when
+        the caller holds that order (a full compute): it saves sorting them again.
 
     Returns
     -------
@@ -127,16 +154,19 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     # meets? then runs of consecutive meeting administrations. Each goal's rows are one
     # range of the administrations sorted by integer (episode, measure) codes, so the
     # goals x administrations rows are gathered by index, without a text-keyed merge.
-    keys = pd.concat([admins[["episode_id", "measure"]], g[["episode_id", "measure"]]],
-                     ignore_index=True)
-    ep = pd.factorize(keys["episode_id"])[0].astype(np.int64)
-    ms = pd.factorize(keys["measure"])[0].astype(np.int64)
-    key = ep * (int(ms.max()) + 1 if ms.size else 1) + ms
-    akey, gkey = key[:len(admins)], key[len(admins):]
     at = admins["administered_at"].to_numpy().astype("datetime64[us]")
-    order = np.lexsort((at.view(np.int64), akey))
-    lo = np.searchsorted(akey[order], gkey, side="left")
-    count = np.searchsorted(akey[order], gkey, side="right") - lo
+    if grouped is not None and len(grouped.source) == len(admins):
+        lo, count, order = _ranges_of_groups(grouped, g[["episode_id", "measure"]])
+    else:
+        keys = pd.concat([admins[["episode_id", "measure"]], g[["episode_id", "measure"]]],
+                         ignore_index=True)
+        ep = pd.factorize(keys["episode_id"])[0].astype(np.int64)
+        ms = pd.factorize(keys["measure"])[0].astype(np.int64)
+        key = ep * (int(ms.max()) + 1 if ms.size else 1) + ms
+        akey, gkey = key[:len(admins)], key[len(admins):]
+        order = np.lexsort((at.view(np.int64), akey))
+        lo = np.searchsorted(akey[order], gkey, side="left")
+        count = np.searchsorted(akey[order], gkey, side="right") - lo
     ends = np.cumsum(count)
     goal_of = np.repeat(np.arange(len(g)), count)
     pos = np.arange(int(ends[-1]) if len(g) else 0)

@@ -18,6 +18,8 @@ from pipeline.goals import goal_status
 from pipeline.ingest.batch import ingest_paths
 from pipeline.reviews import record_review
 from pipeline.scales import Registry, load_registry
+from pipeline.stats.groups import group_administrations
+from pipeline.stats.outcomes import Reference, episode_outcomes
 from pipeline.store import Store
 from tests.stats_helpers import (
     ADMIN_HEADER,
@@ -335,6 +337,49 @@ def test_goal_kinds_reduction_reliable_improvement_remission() -> None:
     assert g["status"] != "met"
     g = goal_status(_goal("below", 10), admins, out, reg, st, today).iloc[0]
     assert g["status"] != "met"
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_goal_status_with_the_computes_group_order_is_the_same(seed: int) -> None:
+    """A full compute hands goal_status the administrations' group order instead of
+    letting it sort them again: every column must be the same either way, and met_at
+    (kind "below") must be what a plain walk through each goal's scores in time order
+    gives. Ties in time, goals without administrations and unknown episodes included."""
+    rng = np.random.default_rng(seed)
+    n = 600
+    admins = pd.DataFrame({
+        "episode_id": pd.array(rng.choice([f"E{i}" for i in range(12)], n), dtype="str"),
+        "measure": pd.array(rng.choice(["PHQ-9", "GAD-7"], n), dtype="str"),
+        "administered_at": (pd.Timestamp("2026-01-05") + pd.to_timedelta(
+            rng.integers(0, 30, n) * 7, unit="D")).astype("datetime64[us]"),
+        "score": rng.integers(0, 22, n)})
+    reg, st, today = load_registry(), Settings(), datetime(2026, 9, 1)
+    grouped = group_administrations(admins)
+    out, _ = episode_outcomes(admins, reg, st, Reference(), grouped=grouped)
+    goals = pd.DataFrame({
+        "episode_id": [f"E{i}" for i in range(14) for _ in range(2)],
+        "goal_id": [f"G{i}" for i in range(28)],
+        "measure": ["PHQ-9", "GAD-7"] * 14,
+        "kind": rng.choice(["below", "reduction_pct", "remission"], 28),
+        "target": rng.integers(5, 15, 28).astype(float),
+        "due_date": [pd.Timestamp("2026-06-01").date()] * 28,
+        "due_session": [None] * 28, "sustain": rng.integers(1, 4, 28)})
+    plain = goal_status(goals, admins, out, reg, st, today)
+    fast = goal_status(goals, admins, out, reg, st, today, grouped=grouped)
+    pd.testing.assert_frame_equal(fast, plain)
+    walked = admins.assign(row=np.arange(n)).sort_values(
+        ["episode_id", "measure", "administered_at", "row"])
+    for goal in goals[goals["kind"] == "below"].itertuples():
+        met_at, run = pd.NaT, 0
+        rows = walked[(walked["episode_id"] == goal.episode_id) &
+                      (walked["measure"] == goal.measure)]
+        for score, at in zip(rows["score"], rows["administered_at"], strict=True):
+            run = run + 1 if score < goal.target else 0
+            if run >= goal.sustain:
+                met_at = at
+                break
+        got = fast.loc[fast["goal_id"] == goal.goal_id, "met_at"].iloc[0]
+        assert (pd.isna(got) and pd.isna(met_at)) or got == met_at, goal.goal_id
 
 
 def test_goal_flags_for_open_episodes(tmp_path: Path, store: Store, reg: Registry) -> None:

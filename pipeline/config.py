@@ -26,7 +26,8 @@ _SECRET_FIELDS = frozenset({"secret_key", "export_key"})
 #: Where things are and how they are served or guarded; none changes a result.
 _OPERATIONAL = frozenset({"database_url", "data_dir", "inbox", "schedule_cron",
                           "environment", "login_max_failures", "login_window_seconds",
-                          "proxy_hops", "max_file_bytes", "max_field_chars", "chunk_rows"})
+                          "proxy_hops", "max_file_bytes", "max_field_chars", "chunk_rows",
+                          "compute_threads"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class Settings:
     max_field_chars: int = 10_000
     #: Rows per chunk when streaming a CSV through validation and scoring.
     chunk_rows: int = 200_000
+    #: Threads for the statistics of a full compute (parts of the episode x measure
+    #: groups, computed side by side; the result does not depend on it). 0: one per CPU
+    #: this process may use.
+    compute_threads: int = 0
     #: Folder watched by ``ontrack run`` (processed/ and failed/ are made inside it).
     inbox: Path = Path("data/inbox")
     #: Cron expression of ``ontrack schedule`` (minute hour day month weekday).
@@ -92,6 +97,13 @@ class Settings:
     #: Reverse proxies in front of the dashboard whose ``X-Forwarded-For`` is trusted (0:
     #: none). Behind nginx set 1, or every user shares the proxy's address for throttling.
     proxy_hops: int = 0
+
+    def threads(self) -> int:
+        """:attr:`compute_threads`, or the CPUs this process may run on when 0."""
+        if self.compute_threads > 0:
+            return self.compute_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
 
     def caseness(self, setting: str | None, default: int | None) -> int | None:
         """A scale's caseness cut-off, overridden by the setting the registry names."""
@@ -199,6 +211,9 @@ def load_settings(
                                             settings.login_window_seconds))
     if settings.proxy_hops < 0:
         raise ConfigError("proxy_hops must be 0 or more", value=settings.proxy_hops)
+    if settings.compute_threads < 0:
+        raise ConfigError("compute_threads must be 0 (one per CPU) or more",
+                          value=settings.compute_threads, fix="set ONTRACK_COMPUTE_THREADS")
     # A zero or negative limit would reject every file or field (or loop on empty chunks).
     for name in ("max_file_bytes", "max_field_chars", "chunk_rows"):
         if getattr(settings, name) < 1:

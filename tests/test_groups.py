@@ -78,3 +78,43 @@ def test_stable_order_is_numpys_stable_argsort(top: int) -> None:
     key[:3] = [top, 0, top]
     assert stable_order(key).tolist() == np.argsort(key, kind="stable").tolist()
     assert stable_order(np.array([], dtype=np.int64)).size == 0
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_outcomes_and_reference_in_parts_equal_one_call(parts: int) -> None:
+    """Statistics computed over runs of groups (in threads) are row for row those of one
+    call: outcomes, sudden changes (in the same order) and the reference."""
+    from pipeline.compute import build_reference
+    from pipeline.config import Settings
+    from pipeline.scales import load_registry
+    from pipeline.stats.outcomes import episode_outcomes, episode_outcomes_in_parts
+    from pipeline.synth import SynthConfig, generate
+
+    data = generate(SynthConfig(episodes=400, therapists=5, seed=3))
+    adm = data.administrations
+    items = adm[[f"item_{i}" for i in range(1, 10)]].astype("Float64")
+    total = pd.to_numeric(adm["total"], errors="coerce")
+    a = pd.DataFrame({
+        "episode_id": adm["episode_id"].astype("str"), "measure": adm["measure"].astype("str"),
+        "administered_at": pd.to_datetime(adm["administered_at"]).astype("datetime64[us]"),
+        "session_number": adm["session_number"].astype("Int64"),
+        "score": np.where(total.notna(), total, items.sum(axis=1, skipna=True).round())
+        .astype(np.int64)})
+    ended = data.episodes.loc[data.episodes["end_date"] != "", "episode_id"].astype("str")
+    settings, registry = Settings(), load_registry()
+    g = group_administrations(a)
+    split = g.split(parts)
+    assert [p.n_groups for p in split] != [g.n_groups] and \
+        sum(p.n_groups for p in split) == g.n_groups
+    reference, norms = build_reference(a, ended, registry, settings, grouped=g)
+    ref_parts, norms_parts = build_reference(a, ended, registry, settings, grouped=g,
+                                             threads=parts, min_groups=0)
+    pd.testing.assert_frame_equal(norms_parts, norms)
+    pd.testing.assert_frame_equal(ref_parts.curves, reference.curves)
+    assert ref_parts.sd == reference.sd
+    one, sudden = episode_outcomes(a, registry, settings, reference, grouped=g)
+    many, sudden_many = episode_outcomes_in_parts(a, registry, settings, reference, g,
+                                                  threads=parts, min_groups=0)
+    assert len(sudden) > 10  # the data has sudden gains and losses to order
+    pd.testing.assert_frame_equal(many, one)
+    pd.testing.assert_frame_equal(sudden_many, sudden)

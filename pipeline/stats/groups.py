@@ -73,6 +73,20 @@ class Grouped:
         """``columns`` at each group's first row: one row per group, index 0..n-1."""
         return self.source[columns].take(self.order[self.starts]).reset_index(drop=True)
 
+    def split(self, parts: int) -> list[Grouped]:
+        """The groups cut into ``parts`` runs of consecutive groups, each a
+        :class:`Grouped` over the same source (views: nothing is copied). A statistic
+        of one group reads only that group's rows, so each part can be computed alone,
+        e.g. in its own thread, and the results concatenated in part order."""
+        cuts = np.unique(np.linspace(0, self.n_groups, max(parts, 1) + 1).astype(np.int64))
+        out = []
+        for g0, g1 in zip(cuts[:-1], cuts[1:], strict=True):
+            r0, r1 = int(self.starts[g0]), int(self.ends[g1 - 1]) + 1
+            out.append(Grouped(self.source, self.order[r0:r1], self.gid[r0:r1] - g0,
+                               self.starts[g0:g1] - r0, self.ends[g0:g1] - r0,
+                               self.k[r0:r1], self.mcode[g0:g1], self.measures))
+        return out or [self]
+
     @cached_property
     def heads(self) -> pd.DataFrame:
         """``episode_id`` and ``measure`` of each group (:meth:`first`), gathered once for
@@ -132,7 +146,7 @@ def stable_order(key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     order: npt.NDArray[np.int64] | None = None
     shift = 0
     while order is None or (top >> shift) > 0:
-        digit = ((key >> shift) & 0xFFFF).astype(np.uint16)
+        digit = (key >> shift if shift else key).astype(np.uint16)  # the low 16 bits
         order = np.argsort(digit, kind="stable") if order is None else \
             order[np.argsort(digit[order], kind="stable")]
         shift += 16

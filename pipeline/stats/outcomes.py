@@ -8,8 +8,11 @@ partition of episodes (and so on Dask).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -22,7 +25,8 @@ from pipeline.stats.gains import sudden_gains
 from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.trend import trend_arrays
 
-__all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "max_gain_columns"]
+__all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "episode_outcomes_in_parts",
+           "in_threads", "max_gain_columns"]
 
 SUDDEN_COLUMNS = ["episode_id", "measure", "kind", "pregain_session", "size",
                   "score_before", "score_after", "n_pre", "n_post", "crit3_adjusted"]
@@ -227,6 +231,49 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["trend_status"] = pd.array(["ok", "insufficient data"], dtype="str").take(
         (n < 3).astype(np.int64))
     return out, sudden
+
+
+T = TypeVar("T")
+
+
+def in_threads(work: Callable[[Grouped], T], parts: list[Grouped], threads: int) -> list[T]:
+    """``work`` on each part, in up to ``threads`` threads, results in part order.
+
+    numpy releases the GIL in its array loops (sorting, gathering, arithmetic), which
+    are most of a partition's statistics, so the parts run largely in parallel.
+    """
+    if threads <= 1 or len(parts) <= 1:
+        return [work(p) for p in parts]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(work, parts))
+
+
+def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings: Settings,
+                              reference: Reference, grouped: Grouped, threads: int,
+                              min_groups: int = 100_000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`episode_outcomes` over runs of consecutive groups, one per thread, with the
+    rows of a single call, in the same order.
+
+    Each group's statistics read only its own rows and the reference, so a partition of
+    the groups gives the same rows (as the Dask engine's partitions do). Below
+    ``min_groups`` groups (an incremental run) one call does it all. Sudden changes
+    come out of each call by measure (registry order), then kind, then group; the
+    parts' rows are put back in that order by a stable sort.
+    """
+    if threads <= 1 or grouped.n_groups < min_groups:
+        return episode_outcomes(admins, registry, settings, reference, grouped)
+    results = in_threads(lambda part: episode_outcomes(admins, registry, settings, reference,
+                                                      part),
+                         grouped.split(threads), threads)
+    out = pd.concat([r[0] for r in results], ignore_index=True)
+    frames = [r[1] for r in results if not r[1].empty]
+    if not frames:
+        return out, results[0][1]
+    sudden = pd.concat(frames, ignore_index=True)
+    rank = {code: i for i, code in enumerate(registry)}
+    by = sudden["measure"].map(rank).to_numpy(dtype=np.int64) * 2 + \
+        (sudden["kind"] == "loss").to_numpy(dtype=np.int64)
+    return out, sudden.take(np.argsort(by, kind="stable")).reset_index(drop=True)
 
 
 def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: np.ndarray,

@@ -165,9 +165,7 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     rci = (post_a - pre_a) / s_diff
     z = float(special.ndtri(1 - alpha / 2))  # scipy.stats.norm.ppf's kernel
     better = rci if higher_is_better else -rci
-    direction = np.where(better > z, "improved",
-                         np.where(-better > z, "deteriorated", "unchanged")).astype(object)
-    direction[np.isnan(rci)] = None
+    direction = _DIRECTIONS[_direction_codes(better > z, -better > z, np.isnan(rci))]
     return ReliableChangeResult(rci=rci, s_diff=s_diff, standard_error=float(se),
                                 critical_value=z, direction=direction)
 
@@ -191,10 +189,23 @@ def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float
     pre_a = np.asarray(pre, dtype=float)
     post_a = np.asarray(post, dtype=float)
     gain = (post_a - pre_a) if higher_is_better else (pre_a - post_a)
-    out = np.where(gain >= points, "improved",
-                   np.where(-gain >= points, "deteriorated", "unchanged")).astype(object)
-    out[np.isnan(gain)] = None
-    return out
+    return _DIRECTIONS[_direction_codes(gain >= points, -gain >= points, np.isnan(gain))]
+
+
+# Labels picked by integer code: a gather of shared objects rather than a text array
+# converted value by value to objects (and compared as text).
+_DIRECTIONS = np.array(["unchanged", "improved", "deteriorated", None], dtype=object)
+_CATEGORIES = np.array([None, "recovered", "improved", "unchanged", "harmed", "deteriorated"],
+                       dtype=object)
+
+
+def _direction_codes(improved: np.ndarray, deteriorated: np.ndarray, missing: np.ndarray
+                     ) -> np.ndarray:
+    """Codes into :data:`_DIRECTIONS`: improved wins over deteriorated (as the nested
+    ``np.where`` it replaces), missing over both."""
+    code = np.where(improved, 1, np.where(deteriorated, 2, 0))
+    code[missing] = 3
+    return code
 
 
 def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
@@ -241,15 +252,18 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
         clinical_pre = pre_a > cutoff
         functional_post = post_a < cutoff
     d = rc.direction
-    category = np.select(
-        [(d == "improved") & clinical_pre & functional_post, d == "improved",
-         d == "unchanged", (d == "deteriorated") & ~clinical_pre & ~functional_post,
-         d == "deteriorated"],
-        ["recovered", "improved", "unchanged", "harmed", "deteriorated"], default="",
-    ).astype(object)
-    category[category == ""] = None
+    better = rc.rci if higher_is_better else -rc.rci
+    z = rc.critical_value
+    # The direction as reliable_change decided it (codes into _DIRECTIONS).
+    dc = _direction_codes(better > z, -better > z, np.isnan(rc.rci))
+    improved, unchanged, deteriorated = dc == 1, dc == 0, dc == 2
+    code = np.select(
+        [improved & clinical_pre & functional_post, improved, unchanged,
+         deteriorated & ~clinical_pre & ~functional_post, deteriorated],
+        [1, 2, 3, 4, 5], default=0)
     missing = np.isnan(pre_a) | np.isnan(post_a)
-    category[missing] = None
+    code[missing] = 0
+    category = _CATEGORIES[code]
     return pd.DataFrame({
         "pre": pre_a, "post": post_a, "change": post_a - pre_a, "rci": rc.rci,
         "direction": d,

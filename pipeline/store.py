@@ -941,26 +941,28 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
                    ) -> list[Any]:
     """One column as plain Python values the driver takes directly (NA -> None)."""
     missing = col.isna().to_numpy()
+    # Each branch gives an object array of Python values; missing ones are set to None
+    # in one masked assignment (a Python loop over them cost seconds at 10M rows).
     if isinstance(kind, sa.DateTime):
-        values = pd.to_datetime(col).dt.strftime(_SQL_DATETIME).astype(object).tolist()
+        values = pd.to_datetime(col).dt.strftime(_SQL_DATETIME).to_numpy(dtype=object,
+                                                                          copy=True)
     elif isinstance(kind, sa.Boolean):
-        b = col.fillna(False).astype(bool)
-        values = (b.astype(int) if dialect == "sqlite" else b).tolist()
+        b = col.fillna(False).astype(bool).to_numpy()
+        values = (b.astype(np.int64) if dialect == "sqlite" else b).astype(object)
     elif isinstance(kind, sa.Integer):
         num = pd.to_numeric(col)
         whole = num.dropna()
         if pd.api.types.is_float_dtype(num) and not (whole == whole.round()).all():
-            values = num.astype(float).tolist()  # never truncate: stored as given
+            values = num.astype(float).to_numpy().astype(object)  # never truncate
         else:
-            values = num.fillna(0).astype("int64").tolist()
+            values = num.fillna(0).to_numpy(dtype=np.int64).astype(object)
     elif isinstance(kind, sa.Float):
-        values = pd.to_numeric(col).astype(float).tolist()
+        values = pd.to_numeric(col).astype(float).to_numpy().astype(object)
     else:
-        values = col.astype(object).tolist()
+        values = col.to_numpy(dtype=object, copy=True)
     if missing.any():
-        for i in np.flatnonzero(missing):
-            values[i] = None
-    return values
+        values[missing] = None
+    return list(values.tolist())
 
 
 def stored_frame(table: sa.Table, columns: dict[str, list[Any]]) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -189,8 +190,25 @@ def _bools(frame: pd.DataFrame, table: sa.Table) -> pd.DataFrame:
     reads give SQLite's 0/1), so evidence and rules never depend on the read path."""
     for c in table.c:
         if isinstance(c.type, sa.Boolean) and c.name in frame.columns:
-            frame[c.name] = [None if v is None or v != v else bool(v) for v in frame[c.name]]
+            frame[c.name] = _as_bools(frame[c.name])
     return frame
+
+
+def _as_bools(values: pd.Series) -> Any:
+    """Python bools, None where missing: what ``[None if v is None or v != v else
+    bool(v) for v in values]`` gives, and the same column dtype once assigned (bool
+    without a missing value, else object), converted as arrays (1.1M rows x 8 columns
+    took 1.7 s value by value)."""
+    if values.empty:
+        return []
+    arr = values.to_numpy(dtype=object)
+    missing = pd.isna(arr)
+    b = np.where(missing, False, arr).astype(bool)
+    if not missing.any():
+        return b
+    out = b.astype(object)
+    out[missing] = None
+    return out
 
 
 def _outcome_frame(frame: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,12 @@ class RuleInput:
     registry: Registry
     settings: Settings
     today: datetime
+
+    @cached_property
+    def last_administered(self) -> pd.Series:
+        """Latest administration per episode (indexed by episode id), grouped once for
+        the rules and :func:`stable_until` that need it."""
+        return self.administrations.groupby("episode_id")["administered_at"].max()
 
 
 def _fmt(x: Any, nd: int = 1) -> str:
@@ -352,7 +359,7 @@ def rule_missing_measures(inp: RuleInput) -> pd.DataFrame:
     """Info: an open episode with no score in N weeks."""
     e = inp.episodes[inp.episodes["end_date"].isna()]
     weeks = inp.settings.missing_measures_weeks
-    last = inp.administrations.groupby("episode_id")["administered_at"].max()
+    last = inp.last_administered
     since, threshold = missing_threshold(e, last, weeks)
     hit_mask = (threshold < pd.Timestamp(inp.today)).to_numpy()
     since_hit = list(since[hit_mask])
@@ -382,7 +389,7 @@ def stable_until(inp: RuleInput) -> pd.DataFrame:
     """
     open_eps = inp.episodes[inp.episodes["end_date"].isna()]
     e, due = review_due(open_eps, inp.reviews, inp.settings.review_overdue_weeks)
-    last = inp.administrations.groupby("episode_id")["administered_at"].max()
+    last = inp.last_administered
     _, threshold = missing_threshold(e, last, inp.settings.missing_measures_weeks)
     ids = e["episode_id"].to_numpy()
     day_end = pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from numpy.testing import assert_allclose
@@ -676,3 +677,24 @@ def test_sample_service_report_against_naive_counts(sample_computed: Store,
         rep = service_report(sample_computed, Settings(), registry, team=team)
         assert {k: rep[k] for k in c} == c, team
         assert c["finished_episodes"] > 0
+
+
+@pytest.mark.parametrize("values", [
+    pd.Series([1, 0, None, 1.0, np.nan], dtype=object),  # SQLite raw: 0/1/None
+    pd.Series([1.0, 0.0, np.nan]),
+    pd.Series([True, False, None], dtype=object),  # PostgreSQL raw
+    pd.Series([1, 0], dtype="int64"),  # nothing missing: a bool column
+    pd.Series([None, None], dtype=object),
+    pd.Series([], dtype=object),
+])
+def test_boolean_columns_convert_as_value_by_value(values: pd.Series) -> None:
+    """_bools converts whole columns; the column it assigns must equal, dtype and each
+    value's Python type included, the value-by-value conversion it replaced."""
+    from pipeline.compute import _as_bools
+
+    expected = pd.DataFrame({"x": values.copy()})
+    expected["x"] = [None if v is None or v != v else bool(v) for v in expected["x"]]
+    got = pd.DataFrame({"x": values.copy()})
+    got["x"] = _as_bools(got["x"])
+    pd.testing.assert_frame_equal(got, expected)
+    assert [type(v) for v in got["x"]] == [type(v) for v in expected["x"]]

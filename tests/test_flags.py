@@ -3,6 +3,7 @@ and stays silent on its near miss; the review/reopen life cycle; risk flags at i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -587,7 +588,7 @@ def test_stable_until_is_the_first_date_rule_flip_at_or_after_the_clock() -> Non
     # A clock exactly at an instant keeps it (the result changes just after it); a
     # threshold is its own instant: B at 23 Feb 08:15 (past its review) holds until
     # then.
-    later = RuleInput(**{**inp.__dict__, "today": datetime(2026, 2, 20, 23, 59, 59, 999999)})
+    later = dataclasses.replace(inp, today=datetime(2026, 2, 20, 23, 59, 59, 999999))
     assert stable_until(later).set_index("episode_id")["stable_until"]["A"] == \
         pd.Timestamp("2026-02-20 23:59:59.999999")
     assert stable_until(later).set_index("episode_id")["stable_until"]["B"] == \

@@ -1001,7 +1001,9 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
     columns = [_column_values(frame[n], table.c[n].type, dialect) for n in names]
-    rows = list(zip(*columns, strict=True))
+    # Rows as a lazy iterator: the driver takes them one at a time, so the tuples of a
+    # 1.1M-row frame (~0.6 GB) never exist all at once.
+    rows = zip(*columns, strict=True)
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)
     if dialect == "postgresql":

@@ -78,7 +78,7 @@ class Settings:
     #: Rows per chunk when streaming a CSV through validation and scoring.
     chunk_rows: int = 200_000
     #: Threads for the statistics of a full compute (parts of the episode x measure
-    #: groups, computed side by side; the result does not depend on it). 0: one per CPU
+    #: groups, computed side by side; the stored results do not depend on it). 0: one per CPU
     #: this process may use.
     compute_threads: int = 0
     #: Folder watched by ``ontrack run`` (processed/ and failed/ are made inside it).

@@ -497,7 +497,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
         counts["raised"] = len(new)
     old = m[m["flag_id"].notna()]
     if not old.empty:
-        ack_at = pd.to_datetime(old["acknowledged_at"])
+        ack_at = pd.to_datetime(old["acknowledged_at"], format="ISO8601")
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
         # Unchanged flags only get last_seen, in bulk; the others one executemany each.

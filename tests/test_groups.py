@@ -118,3 +118,36 @@ def test_outcomes_and_reference_in_parts_equal_one_call(parts: int) -> None:
     assert len(sudden) > 10  # the data has sudden gains and losses to order
     pd.testing.assert_frame_equal(many, one)
     pd.testing.assert_frame_equal(sudden_many, sudden)
+
+
+def test_parts_with_only_unrated_measures_keep_one_calls_dtypes() -> None:
+    """A part whose groups are all of a scale without reliable change (WSAS) has only
+    None in the text columns of reliable change; joined with a part that has text, the
+    columns must come out as one call gives them (dtype and missing values)."""
+    from pipeline.config import Settings
+    from pipeline.scales import load_registry
+    from pipeline.stats.outcomes import Reference, episode_outcomes, episode_outcomes_in_parts
+
+    at = pd.date_range("2026-01-05", periods=5, freq="7D").astype("datetime64[us]")
+    a = pd.DataFrame({
+        "episode_id": pd.array(["E1"] * 5 + ["E2"] * 5, dtype="str"),
+        "measure": pd.array(["PHQ-9"] * 5 + ["WSAS"] * 5, dtype="str"),
+        "administered_at": np.concatenate([at, at]),
+        "score": [20, 16, 12, 9, 7, 30, 28, 25, 20, 18]})
+    settings, registry = Settings(), load_registry()
+    g = group_administrations(a)
+    one, sudden = episode_outcomes(a, registry, settings, Reference(), grouped=g)
+    many, sudden_many = episode_outcomes_in_parts(a, registry, settings, Reference(), g,
+                                                  threads=2, min_groups=0)
+    assert one.loc[0, "fixed_change"] == "improved" and pd.isna(one.loc[1, "fixed_change"])
+    pd.testing.assert_frame_equal(many, one)
+    pd.testing.assert_frame_equal(sudden_many, sudden)
+
+
+def test_missing_keys_are_refused() -> None:
+    from pipeline.errors import UsageError
+
+    a = frame(1).head(20)
+    a.loc[3, "measure"] = None
+    with pytest.raises(UsageError, match="without an episode_id or a measure"):
+        group_administrations(a)

@@ -165,7 +165,8 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     rci = (post_a - pre_a) / s_diff
     z = float(special.ndtri(1 - alpha / 2))  # scipy.stats.norm.ppf's kernel
     better = rci if higher_is_better else -rci
-    direction = _DIRECTIONS[_direction_codes(better > z, -better > z, np.isnan(rci))]
+    direction = np.asarray(_DIRECTIONS[_direction_codes(better > z, -better > z,
+                                                        np.isnan(rci))], dtype=object)
     return ReliableChangeResult(rci=rci, s_diff=s_diff, standard_error=float(se),
                                 critical_value=z, direction=direction)
 
@@ -189,7 +190,8 @@ def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float
     pre_a = np.asarray(pre, dtype=float)
     post_a = np.asarray(post, dtype=float)
     gain = (post_a - pre_a) if higher_is_better else (pre_a - post_a)
-    return _DIRECTIONS[_direction_codes(gain >= points, -gain >= points, np.isnan(gain))]
+    return np.asarray(_DIRECTIONS[_direction_codes(gain >= points, -gain >= points,
+                                                   np.isnan(gain))], dtype=object)
 
 
 # Labels picked by integer code: a gather of shared objects rather than a text array
@@ -203,8 +205,8 @@ def _direction_codes(improved: np.ndarray, deteriorated: np.ndarray, missing: np
                      ) -> np.ndarray:
     """Codes into :data:`_DIRECTIONS`: improved wins over deteriorated (as the nested
     ``np.where`` it replaces), missing over both."""
-    code = np.where(improved, 1, np.where(deteriorated, 2, 0))
-    code[missing] = 3
+    code = np.asarray(np.where(improved, 1, np.where(deteriorated, 2, 0)))
+    code[np.asarray(missing)] = 3
     return code
 
 

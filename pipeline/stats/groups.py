@@ -25,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from pipeline.errors import UsageError
+
 __all__ = ["Grouped", "group_administrations", "stable_order"]
 
 
@@ -75,7 +77,8 @@ class Grouped:
 
     def split(self, parts: int) -> list[Grouped]:
         """The groups cut into ``parts`` runs of consecutive groups, each a
-        :class:`Grouped` over the same source (views: nothing is copied). A statistic
+        :class:`Grouped` over the same source (the source is not copied; each part's
+        index arrays are slices, shifted to start at 0). A statistic
         of one group reads only that group's rows, so each part can be computed alone,
         e.g. in its own thread, and the results concatenated in part order."""
         cuts = np.unique(np.linspace(0, self.n_groups, max(parts, 1) + 1).astype(np.int64))
@@ -89,8 +92,9 @@ class Grouped:
 
     @cached_property
     def heads(self) -> pd.DataFrame:
-        """``episode_id`` and ``measure`` of each group (:meth:`first`), gathered once for
-        every statistic that needs them; callers copy it before adding columns."""
+        """``episode_id`` and ``measure`` of each group (:meth:`first`), gathered once per
+        :class:`Grouped` for every statistic that needs them; callers copy it before
+        adding columns."""
         return self.first(["episode_id", "measure"])
 
     @cached_property
@@ -115,6 +119,10 @@ def group_administrations(admins: pd.DataFrame) -> Grouped:
     episode = pd.factorize(admins["episode_id"], sort=True)[0].astype(np.int64)
     measure, measures = pd.factorize(admins["measure"], sort=True)
     measure = measure.astype(np.int64)
+    if episode.min() < 0 or measure.min() < 0:  # factorize codes a missing value as -1
+        raise UsageError("administrations without an episode_id or a measure cannot be "
+                         "grouped", fix="drop or quarantine them first (the store never "
+                         "holds such rows)")
     at = admins["administered_at"].to_numpy().astype("datetime64[us]").view(np.int64)
     group_key = episode * (int(measure.max()) + 1) + measure
     order = stable_order(group_key)

@@ -282,6 +282,13 @@ def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings
                                                       part),
                          grouped.split(threads), threads)
     out = pd.concat([r[0] for r in results], ignore_index=True)
+    for c in out.columns:
+        # A text column holding only None in one part is object there and str in the
+        # others; assigned whole, one call infers str. Re-assigning it gives one call's
+        # dtype (and its missing values).
+        kinds = {str(r[0][c].dtype) for r in results}
+        if len(kinds) > 1 and kinds <= {"object", "str"}:
+            out[c] = out[c].to_numpy(dtype=object)
     frames = [r[1] for r in results if not r[1].empty]
     if not frames:
         return out, results[0][1]

@@ -30,8 +30,8 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
 
     Pairs with equal days are skipped (as ``scipy.stats.theilslopes`` does). Rows must
     be sorted by group and by day within each group. Vectorised over groups: the groups
-    of each size ``m`` are stacked into an ``(groups, m)`` matrix, their ``m(m-1)/2``
-    pairwise slopes sorted along each row, and the median read at the middle of each
+    of each size ``m`` are stacked, their ``m(m-1)/2`` pairwise slopes computed as a
+    (pairs, groups) matrix, turned to (groups, pairs) and sorted along each row, and the median read at the middle of each
     row's valid slopes (a partition when every pair is valid); one pass per distinct
     group size, never per group. ``want``
     (per group code) limits the work to the groups whose slope is reported.
@@ -69,7 +69,9 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
             valid = width - zero.sum(axis=0)
         else:
             valid = np.full(sel.size, width)
+        del dd  # before the turned copy: at most two pairs x groups arrays at a time
         slopes = np.ascontiguousarray(dy.T)
+        del dy
         # Rows with every pair valid need only the two middle order statistics
         # (a partition); rows with equal days are sorted, their NaNs last.
         middle = [(width - 1) // 2, width // 2]

@@ -31,8 +31,8 @@ from pipeline.goals import goal_status
 from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
 from pipeline.stats.groups import Grouped, group_administrations
-from pipeline.stats.outcomes import Reference, episode_outcomes_in_parts, in_threads
-from pipeline.stats.reference import merge_partials, partials, reference_from_partials
+from pipeline.stats.outcomes import Reference, episode_outcomes_in_parts
+from pipeline.stats.reference import partials, reference_from_partials
 from pipeline.store import (
     CELL_KEY,
     SERVICE_COUNTS,
@@ -112,8 +112,7 @@ def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataF
 
 def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
                     settings: Settings, use_defaults: bool = True,
-                    grouped: Grouped | None = None, threads: int = 1,
-                    min_groups: int = 100_000) -> tuple[Reference, pd.DataFrame]:
+                    grouped: Grouped | None = None) -> tuple[Reference, pd.DataFrame]:
     """Baseline SDs (n-1, over every episode's first score) and expected recovery curves.
 
     The whole store as one partition of :func:`pipeline.stats.reference.partials`; the
@@ -127,22 +126,15 @@ def build_reference(admins: pd.DataFrame, ended: pd.Series, registry: Registry,
         Episode ids with an end date (curves come from finished episodes only).
     grouped
         ``admins`` already ordered by :func:`group_administrations`, if at hand.
-    threads
-        With ``grouped`` of at least ``min_groups`` groups, the partial aggregates of
-        that many runs of groups are computed side by side and summed
-        (:func:`merge_partials`, as on Dask).
 
     Returns
     -------
     (reference, norms table)
     """
-    if grouped is not None and threads > 1 and grouped.n_groups >= min_groups:
-        summed = merge_partials(in_threads(
-            lambda part: partials(admins, ended, registry, part), grouped.split(threads),
-            threads))
-    else:
-        summed = partials(admins, ended, registry, grouped)
-    return reference_from_partials(summed, registry, settings, use_defaults=use_defaults)
+    # One call, not parts in threads: split, it took longer (1.6 s instead of 1.1 s at
+    # 9.7M rows), each part hashing the ended ids and gathering its group heads again.
+    return reference_from_partials(partials(admins, ended, registry, grouped), registry,
+                                   settings, use_defaults=use_defaults)
 
 
 def _stored_reference(conn: sa.Connection) -> Reference:
@@ -403,7 +395,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             ended = pd.Series([r[0] for r in conn.execute(
                 sa.select(episodes.c.episode_id).where(episodes.c.end_date.is_not(None)))])
             reference, norms = build_reference(admins, ended, registry, settings,
-                                               grouped=grouped, threads=settings.threads())
+                                               grouped=grouped)
         else:
             reference = _stored_reference(conn)
         timings["reference"] = time.perf_counter() - t1

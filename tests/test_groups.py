@@ -81,9 +81,9 @@ def test_stable_order_is_numpys_stable_argsort(top: int) -> None:
 
 
 @pytest.mark.parametrize("parts", [2, 3, 7])
-def test_outcomes_and_reference_in_parts_equal_one_call(parts: int) -> None:
-    """Statistics computed over runs of groups (in threads) are row for row those of one
-    call: outcomes, sudden changes (in the same order) and the reference."""
+def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
+    """Outcomes computed over runs of groups (in threads) are row for row those of one
+    call, and so are the sudden changes, in the same order."""
     from pipeline.compute import build_reference
     from pipeline.config import Settings
     from pipeline.scales import load_registry
@@ -106,12 +106,7 @@ def test_outcomes_and_reference_in_parts_equal_one_call(parts: int) -> None:
     split = g.split(parts)
     assert [p.n_groups for p in split] != [g.n_groups] and \
         sum(p.n_groups for p in split) == g.n_groups
-    reference, norms = build_reference(a, ended, registry, settings, grouped=g)
-    ref_parts, norms_parts = build_reference(a, ended, registry, settings, grouped=g,
-                                             threads=parts, min_groups=0)
-    pd.testing.assert_frame_equal(norms_parts, norms)
-    pd.testing.assert_frame_equal(ref_parts.curves, reference.curves)
-    assert ref_parts.sd == reference.sd
+    reference, _ = build_reference(a, ended, registry, settings, grouped=g)
     one, sudden = episode_outcomes(a, registry, settings, reference, grouped=g)
     many, sudden_many = episode_outcomes_in_parts(a, registry, settings, reference, g,
                                                   threads=parts, min_groups=0)

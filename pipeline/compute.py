@@ -247,7 +247,9 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
                                        sudden_changes))
     cols = ["episode_id", "measure", "administered_at", "session_number", "score", "risk",
             "risk_value"]
-    adm = _plus(admins[cols], rest, lambda ids: _read_admins(conn, ids)[cols]).copy() \
+    # No .copy(): pandas 3 copies on write, so the column set below never reaches the
+    # caller's frame, and the rest share its buffers (a copy was ~1 GB at 10M rows).
+    adm = _plus(admins[cols], rest, lambda ids: _read_admins(conn, ids)[cols]) \
         if admins is not None else _scoped(conn, administrations, cols, episode_ids)
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",

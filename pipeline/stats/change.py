@@ -152,6 +152,15 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     >>> round(res.s_diff, 4), [round(float(x), 4) for x in res.rci], list(res.direction)
     (3.1623, [-2.5298, 2.5298], ['improved', 'deteriorated'])
     """
+    return _reliable_change(pre, post, sd=sd, reliability=reliability,
+                            higher_is_better=higher_is_better, alpha=alpha)[0]
+
+
+def _reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
+                     reliability: float, higher_is_better: bool, alpha: float
+                     ) -> tuple[ReliableChangeResult, np.ndarray]:
+    """:func:`reliable_change`, and its directions as codes into :data:`_DIRECTIONS`
+    (for callers that classify further without comparing text)."""
     if not sd > 0:
         raise UsageError("sd must be positive", value=sd)
     if not 0 <= reliability < 1:
@@ -165,10 +174,10 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     rci = (post_a - pre_a) / s_diff
     z = float(special.ndtri(1 - alpha / 2))  # scipy.stats.norm.ppf's kernel
     better = rci if higher_is_better else -rci
-    direction = np.asarray(_DIRECTIONS[_direction_codes(better > z, -better > z,
-                                                        np.isnan(rci))], dtype=object)
+    code = _direction_codes(better > z, -better > z, np.isnan(rci))
     return ReliableChangeResult(rci=rci, s_diff=s_diff, standard_error=float(se),
-                                critical_value=z, direction=direction)
+                                critical_value=z,
+                                direction=np.asarray(_DIRECTIONS[code], dtype=object)), code
 
 
 def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float,
@@ -243,8 +252,8 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     ...                       cutoff=10)["category"].tolist()
     ['recovered', 'improved', 'harmed']
     """
-    rc = reliable_change(pre, post, sd=sd, reliability=reliability,
-                         higher_is_better=higher_is_better, alpha=alpha)
+    rc, dc = _reliable_change(pre, post, sd=sd, reliability=reliability,
+                              higher_is_better=higher_is_better, alpha=alpha)
     pre_a = np.asarray(pre, dtype=float)
     post_a = np.asarray(post, dtype=float)
     if higher_is_better:
@@ -254,10 +263,6 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
         clinical_pre = pre_a > cutoff
         functional_post = post_a < cutoff
     d = rc.direction
-    better = rc.rci if higher_is_better else -rc.rci
-    z = rc.critical_value
-    # The direction as reliable_change decided it (codes into _DIRECTIONS).
-    dc = _direction_codes(better > z, -better > z, np.isnan(rc.rci))
     improved, unchanged, deteriorated = dc == 1, dc == 0, dc == 2
     code = np.select(
         [improved & clinical_pre & functional_post, improved, unchanged,

@@ -52,7 +52,7 @@ def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry,
     :class:`~pipeline.stats.groups.Grouped`, its measure codes save factorising the text.
     """
     if grouped is not None and grouped.n_groups == len(measure):
-        mcode, names = grouped.mcode, [str(m) for m in grouped.measures]
+        mcode, names = grouped.mcode, list(grouped.measure_index)
     else:
         codes, uniques = pd.factorize(measure)
         mcode, names = codes.astype(np.int64), [str(m) for m in uniques]

@@ -61,7 +61,7 @@ class Grouped:
                     dtype: Any = None) -> np.ndarray:
         """One value per group from a measure -> value mapping (``default`` for others),
         looked up by measure code rather than by text."""
-        table = np.array([values.get(str(m), default) for m in self.measures], dtype=dtype)
+        table = np.array([values.get(m, default) for m in self.measure_index], dtype=dtype)
         return table[self.mcode] if table.size else np.array([], dtype=table.dtype)
 
     def values(self, column: str, dtype: Any = None, na_value: Any = None) -> np.ndarray:
@@ -89,6 +89,11 @@ class Grouped:
                                self.starts[g0:g1] - r0, self.ends[g0:g1] - r0,
                                self.k[r0:r1], self.mcode[g0:g1], self.measures))
         return out or [self]
+
+    @cached_property
+    def measure_index(self) -> dict[str, int]:
+        """Measure -> its code in :attr:`mcode`."""
+        return {str(name): i for i, name in enumerate(self.measures)}
 
     @cached_property
     def heads(self) -> pd.DataFrame:

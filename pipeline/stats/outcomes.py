@@ -27,7 +27,7 @@ from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.trend import trend_arrays
 
 __all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "episode_outcomes_in_parts",
-           "in_threads", "max_gain_columns"]
+           "max_gain_columns"]
 
 SUDDEN_COLUMNS = ["episode_id", "measure", "kind", "pregain_session", "size",
                   "score_before", "score_after", "n_pre", "n_post", "crit3_adjusted"]
@@ -121,11 +121,10 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     case_last = np.full(len(out), None, dtype=object)
     remission = np.full(len(out), None, dtype=object)
     rc_points = np.full(len(out), np.nan)
-    codes = {str(name): i for i, name in enumerate(g.measures)}
     for code, scale in registry.items():
-        if code not in codes:
+        if code not in g.measure_index:
             continue
-        m = mcode == codes[code]
+        m = mcode == g.measure_index[code]
         if not m.any():
             continue
         caseness = settings.caseness(scale.caseness_setting, scale.caseness_cutoff)
@@ -237,7 +236,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
 T = TypeVar("T")
 
 
-def in_threads(work: Callable[[Grouped], T], parts: list[Grouped], threads: int) -> list[T]:
+def _in_threads(work: Callable[[Grouped], T], parts: list[Grouped], threads: int) -> list[T]:
     """``work`` on each part, in up to ``threads`` threads, results in part order.
 
     numpy releases the GIL in its array loops (sorting, gathering, arithmetic), which
@@ -278,7 +277,7 @@ def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings
     """
     if threads <= 1 or grouped.n_groups < min_groups:
         return episode_outcomes(admins, registry, settings, reference, grouped)
-    results = in_threads(lambda part: episode_outcomes(admins, registry, settings, reference,
+    results = _in_threads(lambda part: episode_outcomes(admins, registry, settings, reference,
                                                       part),
                          grouped.split(threads), threads)
     out = pd.concat([r[0] for r in results], ignore_index=True)
@@ -356,15 +355,14 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
     matrix = np.full((groups.size, width), np.nan)
     matrix[slot[gid[inside]], col[inside]] = score[inside]
     measures = g.mcode[groups]
-    codes = {str(name): i for i, name in enumerate(g.measures)}
     # Change from each session to the next (positive = the score fell); a pair with a
     # missing session is NaN and never a candidate.
     fall = matrix[:, :-1] - matrix[:, 1:]
     frames, group_of = [], []
     for code, scale in registry.items():
-        if scale.reliable_change_points is None or code not in codes:
+        if scale.reliable_change_points is None or code not in g.measure_index:
             continue
-        rows = np.flatnonzero(measures == codes[code])
+        rows = np.flatnonzero(measures == g.measure_index[code])
         if rows.size == 0:
             continue
         better = -1.0 if scale.higher_is_better else 1.0

@@ -795,7 +795,7 @@ class Store:
         key = ENTITY_KEYS[kind]
         cols = [c.name for c in table.c]
         if not new.empty:
-            conn.execute(table.insert(), to_records(new[cols]))
+            bulk_insert(conn, table, new[cols])
         for rec in to_records(updated[cols]) if not updated.empty else []:
             conn.execute(table.update().where(table.c[key] == rec[key]).values(**rec))
 
@@ -806,13 +806,11 @@ class Store:
             return
         now = utcnow()
         if new_plans:
-            plan_rows = [{"episode_id": e, "version": int(v), "created_at": now,
-                          "batch_id": batch_id}
-                         for e, v in frame[["episode_id", "plan_version"]].drop_duplicates()
-                         .itertuples(index=False)]
-            conn.execute(plans.insert(), plan_rows)
-        cols = [c.name for c in goals.c]
-        conn.execute(goals.insert(), to_records(frame[cols]))
+            plan_rows = frame[["episode_id", "plan_version"]].drop_duplicates() \
+                .rename(columns={"plan_version": "version"}) \
+                .assign(created_at=now, batch_id=batch_id)
+            bulk_insert(conn, plans, plan_rows)
+        bulk_insert(conn, goals, frame[[c.name for c in goals.c]])
 
 
 def _rows(conn: Connection, query: sa.Select[Any], key: sa.ColumnElement[Any],
@@ -935,6 +933,8 @@ def _parts(ids: Sequence[str], size: int = 900) -> Iterator[list[str]]:
 
 #: How SQLAlchemy's DateTime stores a value in SQLite (and a valid PostgreSQL literal).
 _SQL_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
+#: How SQLAlchemy's Date stores a value in SQLite (and a valid PostgreSQL literal).
+_SQL_DATE = "%Y-%m-%d"
 
 
 def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
@@ -946,6 +946,8 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
     if isinstance(kind, sa.DateTime):
         values = pd.to_datetime(col).dt.strftime(_SQL_DATETIME).to_numpy(dtype=object,
                                                                           copy=True)
+    elif isinstance(kind, sa.Date):  # dates or datetimes, stored as SQLAlchemy does
+        values = pd.to_datetime(col).dt.strftime(_SQL_DATE).to_numpy(dtype=object, copy=True)
     elif isinstance(kind, sa.Boolean):
         b = col.fillna(False).astype(bool).to_numpy()
         values = (b.astype(np.int64) if dialect == "sqlite" else b).astype(object)

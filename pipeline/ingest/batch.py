@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy.engine import Connection
 
 from pipeline import flags
@@ -201,14 +203,13 @@ def _rejected_records(path: Path, error: UnreadableFileError,
 
 def _fingerprint(frame: pd.DataFrame) -> pd.Series:
     """A string of an administration's answers (session, total, items); NA as ''."""
-    parts = []
-    for col in _CONTENT:
-        s = pd.to_numeric(frame[col], errors="coerce").astype("Int64").astype("str")
-        parts.append(s.fillna(""))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + "|" + p
-    return out
+    # Joined by Arrow's kernels: pandas' string concatenation of the 23 columns took
+    # ~2 s per million administrations.
+    parts = [pc.cast(pa.array(pd.to_numeric(frame[col], errors="coerce").astype("Int64")),
+                     pa.string()) for col in _CONTENT]
+    joined = pc.binary_join_element_wise(*parts, "|", null_handling="replace",
+                                         null_replacement="")
+    return pd.Series(pd.array(joined, dtype="str"), index=frame.index)
 
 
 class _Ingestor:

@@ -1,0 +1,124 @@
+"""The ingest's vectorised helpers against plain, value-by-value versions of the same rule:
+integer parsing, per-measure lookups, the answers' fingerprint, and the bulk insert of
+entity rows (dates) against SQLAlchemy's own insert."""
+
+from __future__ import annotations
+
+import random
+import re
+from datetime import date, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from pipeline.ingest.batch import _CONTENT, _fingerprint
+from pipeline.store import Store, bulk_insert, episodes, goals, plans, read_frame
+from pipeline.validate import _INT_RE, _ints, _Lookup
+
+TRICKY = ["", " ", "3", " 3 ", "+3", "-3", "03", "0003", "3.", "3.0", "3.00", "3.01", "3.5",
+          "1e3", "x", "\u0663", "\uff13", "123456789", "1234567890", "000000000123456789",
+          "-0", "+0", "0", "00", "-123456789", "+.0", ".0", "3 .0", "- 3", "\u00a03\u00a0",
+          "3\t", "nan", "NaN", "inf", "0x1", "1_000", "\u00b2", "++3", "3-", "-3.0000"]
+
+
+def _plain_int(text: str) -> tuple[int | None, bool]:
+    """(value, bad) for one field, by Python's re and int."""
+    s = text.strip()
+    if s == "":
+        return None, False
+    if not re.match(_INT_RE, s):
+        return None, True
+    return int(s.split(".")[0]), False
+
+
+def test_ints_match_the_plain_rule() -> None:
+    rnd = random.Random(11)
+    values = TRICKY + ["".join(rnd.choice("0123456789+-. e") for _ in range(rnd.randint(0, 7)))
+                       for _ in range(3000)]
+    parsed, bad = _ints(pd.Series(values, dtype="str"))
+    assert str(parsed.dtype) == "Int64"
+    for v, p, b in zip(values, parsed.tolist(), bad.tolist(), strict=True):
+        want, want_bad = _plain_int(v)
+        assert (None if pd.isna(p) else int(p), bool(b)) == (want, want_bad), repr(v)
+    # The cases that tell a lax parser from this one.
+    got = dict(zip(values, parsed.tolist(), strict=True))
+    assert got["+3"] == 3 and got["-3.0000"] == -3 and got["000000000123456789"] == 123456789
+    assert pd.isna(got["1234567890"]) and pd.isna(got["\u0663"]) and pd.isna(got["3.01"])
+
+
+def test_lookup_gives_what_map_gives() -> None:
+    measure = pd.Series(["PHQ-9", "GAD-7", "XYZ", "PHQ-9", ""], dtype="str", index=[5, 6, 7, 8, 9])
+    lookup = _Lookup(measure)
+    for values in ({"PHQ-9": 9, "GAD-7": 7}, {"PHQ-9": 9, "GAD-7": 7, "XYZ": 1, "": 0},
+                   {"PHQ-9": True, "GAD-7": False}, {}):
+        pd.testing.assert_series_equal(lookup(values), measure.map(values), check_exact=True)
+    with_na = pd.Series(["PHQ-9", None], dtype="str")
+    pd.testing.assert_series_equal(_Lookup(with_na)({"PHQ-9": 9}), with_na.map({"PHQ-9": 9}))
+
+
+def _plain_fingerprint(frame: pd.DataFrame) -> list[str]:
+    return ["|".join("" if pd.isna(v) else str(int(v)) for v in row)
+            for row in frame[_CONTENT].itertuples(index=False)]
+
+
+def test_fingerprint_matches_the_plain_join() -> None:
+    rng = np.random.default_rng(4)
+    n = 400
+
+    def col(kind: str) -> Any:
+        v = rng.integers(-5, 1_000_000_000, n)
+        miss = rng.random(n) < 0.3
+        if kind == "Int64":
+            return pd.array([None if m else int(x) for x, m in zip(v, miss, strict=True)],
+                            dtype="Int64")
+        if kind == "float":
+            return np.where(miss, np.nan, v.astype(float))
+        return pd.Series([None if m else int(x) for x, m in zip(v, miss, strict=True)],
+                         dtype=object)
+
+    for kind in ("Int64", "float", "object"):  # as checked; as read back from either store
+        frame = pd.DataFrame({c: col(kind) for c in _CONTENT}, index=np.arange(3, n + 3))
+        fp = _fingerprint(frame)
+        assert fp.tolist() == _plain_fingerprint(frame)
+        assert list(fp.index) == list(frame.index) and fp.dtype == "str"
+    assert _fingerprint(frame.iloc[:0]).empty
+
+
+def test_bulk_insert_stores_dates_as_sqlalchemy_does(store: Store) -> None:
+    """Episode and goal rows written by the bulk path read back, value and type, as the
+    same rows written by SQLAlchemy's insert."""
+    eps = pd.DataFrame({"episode_id": ["A", "B"], "client_id": ["c1", "c2"],
+                        "therapist_id": ["t1", "t1"], "team": ["North", None],
+                        "start_date": [date(2024, 1, 31), date(1999, 12, 1)],
+                        "end_date": [None, date(2025, 2, 28)], "end_reason": [None, "completed"],
+                        "batch_id": [1, 1]})
+    plan = pd.DataFrame({"episode_id": ["A", "B"], "version": [1, 1],
+                         "created_at": [datetime(2026, 1, 2, 3, 4, 5, 6)] * 2,
+                         "batch_id": [1, 1]})
+    goal = pd.DataFrame({"episode_id": ["A", "B"], "plan_version": [1, 1],
+                         "goal_id": ["g1", "g1"], "measure": ["PHQ-9", "GAD-7"],
+                         "kind": ["below", "remission"], "target": [10.0, 7.5],
+                         "due_date": [date(2026, 3, 1), None], "due_session": [None, 12],
+                         "sustain": [1, 2], "description": ["under ten", None]})
+    read: dict[str, list[pd.DataFrame]] = {}
+    for how in ("bulk", "sqlalchemy"):
+        with store.transaction() as conn:
+            for table, frame in ((episodes, eps), (plans, plan), (goals, goal)):
+                conn.execute(table.delete())
+                if how == "bulk":
+                    bulk_insert(conn, table, frame)
+                else:
+                    conn.execute(table.insert(), [
+                        {k: (None if v is None or (isinstance(v, float) and np.isnan(v))
+                             else v) for k, v in r.items()}
+                        for r in frame.astype(object).to_dict(orient="records")])
+            # Raw driver values: the text SQLite holds, or PostgreSQL's typed values.
+            read[how] = [read_frame(conn, sa.select(t).order_by(*t.primary_key.columns),
+                                    raw=True) for t in (episodes, plans, goals)]
+    for bulk, plain in zip(read["bulk"], read["sqlalchemy"], strict=True):
+        pd.testing.assert_frame_equal(bulk, plain, check_exact=True)
+        for c in bulk.columns:  # the same Python types, value by value
+            assert [type(v) for v in bulk[c]] == [type(v) for v in plain[c]], c
+    assert str(read["bulk"][0]["start_date"].iloc[0]).startswith("2024-01-31")

@@ -28,6 +28,7 @@ from pipeline import flags as flag_rules
 from pipeline.config import Settings
 from pipeline.faults import crash_point
 from pipeline.goals import goal_status
+from pipeline.memory import trim_heap
 from pipeline.report import caseload_summary, episode_flags_from
 from pipeline.scales import Registry
 from pipeline.stats.groups import Grouped, group_administrations
@@ -155,8 +156,8 @@ def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: i
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
     f = f[[c for c in cols if c in f.columns]]
-    values = bulk_insert(conn, table, f, keep_values=keep)
-    return stored_frame(table, values) if values is not None else pd.DataFrame()
+    bulk_insert(conn, table, f)
+    return stored_frame(table, f, conn.dialect.name) if keep else pd.DataFrame()
 
 
 def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
@@ -420,6 +421,11 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # What was written goes to the flag rules rather than being read back.
         out_stored = _insert(conn, outcomes, out, run_id, keep=True)
         sudden_stored = _insert(conn, sudden_changes, sudden, run_id, keep=True)
+        # The stored forms serve the rest of the run: the computed frames go (~0.5 GB at
+        # 1.1M outcome rows, during the flag step's peak).
+        n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
+        n_rows, n_sudden = len(out), len(sudden)
+        del out, sudden
         if rebuild:
             conn.execute(reference_norms.delete())
             conn.execute(expected_curves.delete())
@@ -444,8 +450,12 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         inp = rule_input(conn, registry, settings, now, scope, admins=admins,
                          written=(out_stored, sudden_stored),
                          held=None if ids is None else set(ids), grouped=grouped)
+        del grouped  # the group order served the statistics and the goal status
         flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
                                          episodes=None if scope is None else set(scope))
+        # The flags' text (messages, evidence: ~1 GB at 900k flags) is garbage now; give
+        # the heap's free pages back before the per-episode tables are written.
+        trim_heap()
         _replace(conn, goal_status_table, inp.goals, scope, run_id)
         _replace(conn, episode_clock, flag_rules.stable_until(inp), scope, run_id)
         open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
@@ -470,12 +480,11 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         else:
             update_service_cells(conn, before, svc)
         timings["flags"] = time.perf_counter() - t4
-        n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
             finished_at=utcnow(), status="done", episodes=n_episodes))
         crash_point("compute.commit")
     timings["total"] = time.perf_counter() - t0
     return ComputeReport(run_id=run_id, mode=mode, episodes=n_episodes,
-                         outcome_rows=len(out), sudden_rows=len(sudden),
+                         outcome_rows=n_rows, sudden_rows=n_sudden,
                          reference_rebuilt=rebuild, flags=flag_counts, timings=timings,
                          rule_scope=None if scope is None else len(scope))

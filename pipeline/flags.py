@@ -36,7 +36,7 @@ from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 from pipeline.columns import is_in
 from pipeline.config import Settings
 from pipeline.scales import Registry
-from pipeline.store import bulk_insert, read_frame, to_records
+from pipeline.store import bulk_insert, iter_frames, read_frame, to_records
 from pipeline.store import flags as flags_table
 
 __all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold",
@@ -447,6 +447,52 @@ _IDENTITY = ["episode_id", "measure", "kind", "key"]
 
 
 
+_TEXT = ("severity", "message", "evidence")
+
+
+def _text(values: pd.Series) -> pd.Series:
+    return values if values.dtype == "str" else values.astype(str)
+
+
+class _Unchanged:
+    """Whether a stored flag's text (severity, message, evidence) is what fires now.
+
+    Called on each part of the stored flags as it is read: when the firing flags'
+    identities are unique (the store's constraint makes them so for any flag that is
+    written), it compares each stored flag with its firing one by position and keeps a
+    boolean ``_same`` instead of the text. Otherwise the text is kept and compared after
+    the merge, as before.
+    """
+
+    def __init__(self, firing: pd.DataFrame) -> None:
+        self.keys = pd.MultiIndex.from_frame(firing[_IDENTITY])
+        self.slim = bool(self.keys.is_unique)
+        # As text columns (Arrow-backed), not Python objects: those were ~0.5 GB.
+        self.text = {c: _text(firing[c]) for c in _TEXT} if self.slim else {}
+        self.columns = ["_same"] if self.slim else list(_TEXT)
+
+    def __call__(self, stored: pd.DataFrame) -> pd.DataFrame:
+        if not self.slim:
+            return stored
+        pos = self.keys.get_indexer(pd.MultiIndex.from_frame(stored[_IDENTITY]))
+        hit = pos >= 0
+        same = hit.copy()
+        for c in _TEXT:
+            now = self.text[c].iloc[pos[hit]].reset_index(drop=True)
+            was = _text(stored[c])[hit].reset_index(drop=True)
+            same[hit] &= (now == was).to_numpy(dtype=bool, na_value=False)
+        return stored.drop(columns=list(_TEXT)).assign(_same=same)
+
+    def unchanged(self, old: pd.DataFrame) -> pd.Series:
+        """For the merged rows of stored flags that fire again."""
+        if self.slim:
+            return old["_same"].eq(True)
+        same = pd.Series(True, index=old.index)
+        for col in _TEXT:
+            same &= (old[col].astype(str) == old[f"{col}_was"].astype(str)).to_numpy()
+        return same
+
+
 def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
             episodes: set[str] | None = None, kinds: list[str] | None = None,
             resolve_missing: bool = True) -> dict[str, int]:
@@ -474,36 +520,41 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     q = sa.select(*cols)
     if kinds is not None:
         q = q.where(flags_table.c.kind.in_(kinds))
+    # assign, not copy(): the other columns (messages, evidence) are shared, not copied.
+    f = firing.assign(evidence_at=pd.to_datetime(firing["evidence_at"]))
+    compare = _Unchanged(f)
     # Raw driver values: every column is text or an integer but acknowledged_at, which
     # is parsed below (SQLAlchemy's per-row processing was half of reading 900k flags).
+    # In chunks (every column but acknowledged_at is NOT NULL, so each chunk's dtypes are
+    # the whole read's), each compared at once with what fires now and kept without its
+    # text: 900k stored flags' messages and evidence were ~1 GB, the full run's peak.
     if episodes is None:
-        stored = read_frame(conn, q, raw=True)
+        parts = [compare(c) for c in iter_frames(conn, q, 50_000)]
     else:
         ids = sorted(episodes)
-        parts = [read_frame(conn, q.where(flags_table.c.episode_id.in_(ids[i:i + 900])),
-                            raw=True)
-                 for i in range(0, len(ids), 900)]
-        stored = pd.concat(parts, ignore_index=True) if parts else read_frame(
-            conn, q.where(sa.false()), raw=True)
-    f = firing.copy()
-    f["evidence_at"] = pd.to_datetime(f["evidence_at"])
-    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at", "severity",
-                        "message", "evidence"]], on=_IDENTITY, how="left", suffixes=("", "_was"))
+        parts = [compare(read_frame(conn, q.where(flags_table.c.episode_id.in_(
+            ids[i:i + 900])), raw=True)) for i in range(0, len(ids), 900)] or \
+            [compare(read_frame(conn, q.where(sa.false()), raw=True))]
+    stored = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    del parts
+    m = f.merge(stored[[*_IDENTITY, "flag_id", "state", "acknowledged_at",
+                        *compare.columns]], on=_IDENTITY, how="left", suffixes=("", "_was"))
     counts = {"raised": 0, "reopened": 0, "updated": 0, "resolved": 0}
+    # The stored flags that fire again: every other live one in scope is resolved below.
+    fired = m["flag_id"].dropna().to_numpy(dtype=np.int64)
     new = m[m["flag_id"].isna()]
     if not new.empty:
         rows = new[FLAG_COLUMNS].assign(first_raised=now, last_seen=now, state="open")
         bulk_insert(conn, flags_table, rows)  # the store's bulk path (COPY on PostgreSQL)
         counts["raised"] = len(new)
     old = m[m["flag_id"].notna()]
+    del m
     if not old.empty:
         ack_at = pd.to_datetime(old["acknowledged_at"], format="ISO8601")
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
         # Unchanged flags only get last_seen, in bulk; the others one executemany each.
-        same = pd.Series(True, index=old.index)
-        for col in ("severity", "message", "evidence"):
-            same &= (old[col].astype(str) == old[f"{col}_was"].astype(str)).to_numpy()
+        same = compare.unchanged(old)
         quiet = [int(x) for x in old.loc[same & ~reopen, "flag_id"]]
         for i in range(0, len(quiet), 900):
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
@@ -532,11 +583,11 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
         counts["reopened"] = int(reopen.sum())
         counts["updated"] = len(old) - counts["reopened"] + len(quiet)
     if resolve_missing and not stored.empty:
-        live = stored[(stored["state"] != "resolved") & (stored["kind"] != "risk_item")]
-        key = [c for c in _IDENTITY]
-        hit = live[key].astype(str).merge(f[key].astype(str).drop_duplicates(), on=key,
-                                          how="left", indicator=True)["_merge"].to_numpy()
-        gone = [int(x) for x in live["flag_id"].to_numpy()[hit == "left_only"]]
+        live = (stored["state"] != "resolved") & (stored["kind"] != "risk_item")
+        # Matched by the merge above (every identity column is NOT NULL text), not by a
+        # second merge of the text keys (~0.4 GB at 900k flags, the full run's peak).
+        live_ids = stored.loc[live, "flag_id"].to_numpy(dtype=np.int64)
+        gone = [int(x) for x in live_ids[~np.isin(live_ids, fired)]]
         for i in range(0, len(gone), 900):
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
                 gone[i:i + 900])).values(state="resolved", resolved_at=now))

@@ -844,6 +844,28 @@ def read_frame(conn: Connection, query: Any, raw: bool = False) -> pd.DataFrame:
         else pd.DataFrame(columns=cols)
 
 
+def iter_frames(conn: Connection, query: Any, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """:func:`read_frame` ``raw``, ``chunk_rows`` rows at a time (at least one frame,
+    empty with the query's columns when it has no rows), so only one chunk exists as
+    Python tuples (900k stored flags with their evidence were ~1.3 GB of them).
+
+    Each frame's dtypes are inferred on its own: a nullable column can be ``object`` in
+    an all-NULL chunk and ``str`` or ``float64`` in another. Use it where every column is
+    NOT NULL, or where the caller converts the column in a way the dtype does not change.
+    """
+    res = conn.execute(query)
+    cols = list(res.keys())
+    any_rows = False
+    try:
+        while rows := res.cursor.fetchmany(chunk_rows):
+            any_rows = True
+            yield pd.DataFrame.from_records(rows, columns=cols, coerce_float=False)
+    finally:
+        res.close()
+    if not any_rows:
+        yield pd.DataFrame(columns=cols)
+
+
 def _arrow_types(table: sa.Table, names: list[str]) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -967,20 +989,27 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str
     return list(values.tolist())
 
 
-def stored_frame(table: sa.Table, columns: dict[str, list[Any]]) -> pd.DataFrame:
-    """A frame as reading it back from ``table`` would give it, from the values
-    :func:`bulk_insert` (``keep_values``) stored for it: the table's columns (absent ones
-    None). Built from the value lists, which gives the dtypes and values that
+def stored_frame(table: sa.Table, frame: pd.DataFrame, dialect: str) -> pd.DataFrame:
+    """A frame as reading it back from ``table`` would give it, for a frame
+    :func:`bulk_insert` has just stored there: the table's columns (absent ones None).
+
+    Each column is built from the values the insert gave the driver
+    (:func:`_column_values`), which gives the dtypes and values that
     ``DataFrame.from_records`` gives in :func:`read_frame` for the same rows, without
-    transposing rows (4.5 s instead of 6.8 s for 1.1M outcome rows). A caller that has
-    just written a frame uses this instead of reading the table again; the consumers
-    convert datetime columns with pandas and booleans to ``bool`` (SQLite stores 0/1),
-    as they do after a read.
+    reading or transposing rows. One column at a time, so only one column's values
+    exist as Python objects (all of an outcome table's at once were ~2.6 GB at 1.1M
+    rows). A caller that has just written a frame uses this instead of reading the table
+    again; the consumers convert datetime columns with pandas and booleans to ``bool``
+    (SQLite stores 0/1), as they do after a read.
     """
     names = [c.name for c in table.c]
-    if not columns or not next(iter(columns.values())):
+    if frame.empty:
         return pd.DataFrame(columns=names)
-    out = pd.DataFrame(columns)
+    # Each column inferred on its own, as the DataFrame constructor does for a dict of
+    # lists.
+    out = pd.DataFrame({
+        n: pd.DataFrame({n: _column_values(frame[n], table.c[n].type, dialect)})[n]
+        for n in names if n in frame.columns})
     for n in names:
         if n not in out.columns:
             out[n] = None
@@ -988,41 +1017,48 @@ def stored_frame(table: sa.Table, columns: dict[str, list[Any]]) -> pd.DataFrame
 
 
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
-                keep_values: bool = False) -> dict[str, list[Any]] | None:
+                chunk_rows: int = 100_000) -> None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
     Values are stored exactly as SQLAlchemy would store them (datetimes as SQLAlchemy's
     SQLite text format, booleans 0/1 on SQLite), so every reader sees the same rows;
     SQLAlchemy's per-row parameter processing, most of an ingest's time, is skipped.
-    With ``keep_values`` the inserted values are returned, column by column (see
-    :func:`stored_frame`).
+    :func:`stored_frame` gives what reading them back would give.
+
+    The rows go ``chunk_rows`` at a time, so only one chunk's values exist as Python
+    objects (1.4M goal-status rows were ~0.6 GB of them at once). Chunking stores the
+    same values: each conversion in :func:`_column_values` gives a value the database
+    stores identically whichever chunk it is in.
     """
     if frame.empty:
-        return {} if keep_values else None
+        return
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
-    columns = [_column_values(frame[n], table.c[n].type, dialect) for n in names]
-    # Rows as a lazy iterator: the driver takes them one at a time, so the tuples of a
-    # 1.1M-row frame (~0.6 GB) never exist all at once.
-    rows = zip(*columns, strict=True)
+    if dialect not in ("postgresql", "sqlite"):  # any other database: SQLAlchemy's path
+        conn.execute(table.insert(), to_records(frame))
+        return
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)
-    if dialect == "postgresql":
-        with dbapi.cursor() as cur, cur.copy(  # type: ignore[union-attr]
-                f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
-            for row in rows:
-                copy.write_row(row)
-    elif dialect == "sqlite":
-        cur = dbapi.cursor()  # type: ignore[union-attr]
-        try:
-            cur.executemany(f'INSERT INTO "{table.name}" ({quoted}) VALUES '
-                            f'({", ".join("?" * len(names))})', rows)
-        finally:
-            cur.close()
-    else:  # any other database: SQLAlchemy's generic path
-        conn.execute(table.insert(), to_records(frame))
-    return dict(zip(names, columns, strict=True)) if keep_values else None
+    step = max(1, chunk_rows)
+    for lo in range(0, len(frame), step):
+        part = frame.iloc[lo:lo + step]
+        columns = [_column_values(part[n], table.c[n].type, dialect) for n in names]
+        # Rows as a lazy iterator: the driver takes them one at a time, so a chunk's
+        # tuples never exist all at once.
+        rows = zip(*columns, strict=True)
+        if dialect == "postgresql":
+            with dbapi.cursor() as cur, cur.copy(  # type: ignore[union-attr]
+                    f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            cur = dbapi.cursor()  # type: ignore[union-attr]
+            try:
+                cur.executemany(f'INSERT INTO "{table.name}" ({quoted}) VALUES '
+                                f'({", ".join("?" * len(names))})', rows)
+            finally:
+                cur.close()
 
 
 def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import goals as goals_module
 from pipeline.compute import compute
 from pipeline.config import Settings
 from pipeline.flags import risk_flags
@@ -341,7 +342,8 @@ def test_goal_kinds_reduction_reliable_improvement_remission() -> None:
 
 
 @pytest.mark.parametrize("seed", [11, 12])
-def test_goal_status_with_the_computes_group_order_is_the_same(seed: int) -> None:
+def test_goal_status_with_the_computes_group_order_is_the_same(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full compute hands goal_status the administrations' group order instead of
     letting it sort them again: every column must be the same either way, and met_at
     (kind "below") must be what a plain walk through each goal's scores in time order
@@ -368,6 +370,11 @@ def test_goal_status_with_the_computes_group_order_is_the_same(seed: int) -> Non
     plain = goal_status(goals, admins, out, reg, st, today)
     fast = goal_status(goals, admins, out, reg, st, today, grouped=grouped)
     pd.testing.assert_frame_equal(fast, plain)
+    for block in (1, 5, 7):  # goals a few at a time: the same result
+        monkeypatch.setattr(goals_module, "GOAL_BLOCK", block)
+        pd.testing.assert_frame_equal(
+            goal_status(goals, admins, out, reg, st, today, grouped=grouped), fast)
+        pd.testing.assert_frame_equal(goal_status(goals, admins, out, reg, st, today), fast)
     walked = admins.assign(row=np.arange(n)).sort_values(
         ["episode_id", "measure", "administered_at", "row"])
     for goal in goals[goals["kind"] == "below"].itertuples():
@@ -618,3 +625,43 @@ def test_rule_columns_read_as_to_dict_reads_them() -> None:
                    for x, y in zip(got[c], want[c], strict=True)), c
     assert got["I"][1] is None and got["B"][1] is None and type(got["o"][1]) is float
     assert got["absent"] == [None, None, None]
+
+
+def test_refresh_compares_stored_text_part_by_part() -> None:
+    """refresh compares each part of the stored flags with what fires as it reads them
+    and keeps a boolean instead of the text; that must say "unchanged" exactly where the
+    text comparison after the merge does (severity, message and evidence all equal)."""
+    from pipeline.flags import _TEXT, _Unchanged
+
+    ident = ["episode_id", "measure", "kind", "key"]
+    firing = pd.DataFrame({
+        "episode_id": ["E1", "E1", "E2", "E3", "E4"], "measure": ["PHQ-9", "", "GAD-7", "", ""],
+        "kind": ["stalled", "review_overdue", "stalled", "goal_at_risk", "goal_at_risk"],
+        "key": ["", "", "", "G1", "G2"], "severity": ["review"] * 5,
+        "message": ["m1", "m2", "m3 new", "m4", None], "evidence": ['{"a": 1}'] * 5})
+    firing = firing.astype({c: "str" for c in firing.columns})
+    stored = pd.DataFrame({
+        "flag_id": [10, 11, 12, 13, 14, 15], "episode_id": ["E1", "E1", "E2", "E3", "E4", "E9"],
+        "measure": ["PHQ-9", "", "GAD-7", "", "", ""],
+        "kind": ["stalled", "review_overdue", "stalled", "goal_at_risk", "goal_at_risk",
+                 "stalled"], "key": ["", "", "", "G1", "G2", ""],
+        "state": ["open"] * 6, "acknowledged_at": [None] * 6,
+        "severity": ["review", "urgent", "review", "review", "review", "review"],
+        "message": ["m1", "m2", "m3", "m4", "m5", "m9"],
+        "evidence": ['{"a": 1}', '{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 1}', "{}"]})
+    # E1/PHQ-9 same; E1 severity changed; E2 message changed; E3 evidence changed;
+    # E4 firing message missing (never equal); E9 not firing.
+    want = [True, False, False, False, False]
+
+    slim = _Unchanged(firing)
+    assert slim.slim
+    parts = pd.concat([slim(stored.iloc[:2]), slim(stored.iloc[2:])], ignore_index=True)
+    assert not set(_TEXT) & set(parts.columns)
+    m = firing.merge(parts[[*ident, "flag_id", *slim.columns]], on=ident, how="left")
+    assert slim.unchanged(m[m["flag_id"].notna()]).tolist() == want
+
+    text = _Unchanged(pd.concat([firing, firing.iloc[:1]], ignore_index=True))
+    assert not text.slim  # duplicated identities: compared after the merge, as text
+    m = firing.merge(text(stored)[[*ident, "flag_id", *text.columns]], on=ident, how="left",
+                     suffixes=("", "_was"))
+    assert text.unchanged(m[m["flag_id"].notna()]).tolist() == want

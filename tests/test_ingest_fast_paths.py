@@ -122,3 +122,26 @@ def test_bulk_insert_stores_dates_as_sqlalchemy_does(store: Store) -> None:
         for c in bulk.columns:  # the same Python types, value by value
             assert [type(v) for v in bulk[c]] == [type(v) for v in plain[c]], c
     assert str(read["bulk"][0]["start_date"].iloc[0]).startswith("2024-01-31")
+
+
+def test_bulk_insert_in_chunks_stores_the_same_rows(store: Store) -> None:
+    """Rows written a few at a time read back exactly as rows written in one go, though
+    a chunk may hold only missing values of a column, or only whole numbers of a float."""
+    goal = pd.DataFrame({"episode_id": [f"E{i}" for i in range(7)], "plan_version": 1,
+                         "goal_id": "g1", "measure": "PHQ-9", "kind": "below",
+                         "target": [10.0, 7.0, 7.5, 5.0, 6.0, 4.0, 3.25],
+                         "due_date": [None, None, date(2026, 3, 1), None, None, None,
+                                      date(2027, 1, 2)],
+                         "due_session": [None, None, None, 12, None, 4, None],
+                         "sustain": [1, 2, 1, 1, 3, 1, 2],
+                         "description": [None, "x", None, None, "y", None, None]})
+    read = []
+    for chunk in (100_000, 2, 1):
+        with store.transaction() as conn:
+            conn.execute(goals.delete())
+            bulk_insert(conn, goals, goal, chunk_rows=chunk)
+            read.append(read_frame(conn, sa.select(goals).order_by(goals.c.episode_id),
+                                   raw=True))
+    assert len(read[0]) == 7
+    for other in read[1:]:
+        pd.testing.assert_frame_equal(other, read[0], check_exact=True)

@@ -659,6 +659,13 @@ def test_refresh_compares_stored_text_part_by_part() -> None:
     assert not set(_TEXT) & set(parts.columns)
     m = firing.merge(parts[[*ident, "flag_id", *slim.columns]], on=ident, how="left")
     assert slim.unchanged(m[m["flag_id"].notna()]).tolist() == want
+    # Placed by the positions found while reading: what the merge gives, row for row.
+    joined = slim.joined(firing.set_axis([7, 7, 3, 1, 0]), parts)  # any index
+    assert joined.index.tolist() == list(range(5))
+    merged = firing.merge(parts[[*ident, "flag_id", "state", "acknowledged_at", "_same"]],
+                          on=ident, how="left")
+    for c in ("flag_id", "state", "acknowledged_at", "_same", *firing.columns):
+        assert joined[c].tolist() == merged[c].tolist(), c
 
     text = _Unchanged(pd.concat([firing, firing.iloc[:1]], ignore_index=True))
     assert not text.slim  # duplicated identities: compared after the merge, as text

@@ -93,6 +93,14 @@ def _meets(kind: pd.Series | pd.Categorical, score: np.ndarray, first: np.ndarra
         [strict, inclusive, inclusive, strict, at_case_first & strict], default=False)
 
 
+def _select(conditions: list[np.ndarray], choices: list[str], default: str) -> np.ndarray:
+    """``np.select`` of labels, as an object array of the (shared) label strings: a
+    fixed-width unicode result and its intermediates were ~0.4 GB each for 1.4M goals'
+    reasons, the full compute's peak."""
+    labels = np.array([*choices, default], dtype=object)
+    return labels[np.select(conditions, list(range(len(choices))), default=len(choices))]
+
+
 def _ranges_of_groups(grouped: Grouped, keys: pd.DataFrame
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each (episode_id, measure) row of ``keys``: the first position and the number
@@ -250,10 +258,10 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     significant = slow > 0  # the whole CI is on the improving side
     flagged = g["stalled"].fillna(False).astype(bool).to_numpy() | \
         g["not_on_track"].astype("boolean").fillna(False).to_numpy(dtype=bool)
-    status = np.select(
+    status = _select(
         [met, past_due, no_admin | few, reaches & significant & ~flagged],
         ["met", "overdue", "no_data", "on_track"], default="at_risk")
-    reason = np.select(
+    reason = _select(
         [met, past_due, no_admin, few, flagged, ~(rate > 0), reaches & significant],
         ["met", "past due and not met",
          "no administrations of this measure yet",

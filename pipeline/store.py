@@ -886,8 +886,9 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
     ``rowid`` (one string per ``chunk_rows`` rows, fields separated by the unit
     separator U+001F). A text value containing a newline or U+001F, or a parse that does
     not give every row, falls back to :func:`read_frame` ``raw``, as does any other
-    database; so do tables with ``Float`` or ``Boolean`` columns on SQLite (their text
-    form is not exact or not typed).
+    database; so do tables with ``Boolean`` columns on SQLite (their text form is not
+    typed). ``Float`` columns on SQLite, whose text form keeps 15 digits, are fetched
+    as the driver's values beside the text, matched by ``rowid``.
 
     Values arrive as the driver stores them, as with ``read_frame(raw=True)``: datetimes
     as text, nullable integers as float. An empty text value reads as missing, so use
@@ -916,20 +917,48 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
             tables.append(pacsv.read_csv(
                 buf, read_options=pacsv.ReadOptions(column_names=names),
                 convert_options=convert))
-    elif dialect == "sqlite" and all(t in (pa.int64(), pa.string()) for t in types.values()):
-        fields = " || char(31) || ".join(f"coalesce(\"{n}\", '')" for n in names)
+    elif dialect == "sqlite" and all(t in (pa.int64(), pa.string(), pa.float64())
+                                     for t in types.values()):
+        # A REAL's text form keeps 15 digits, not every bit: floats come as the driver's
+        # own values, fetched beside the text by rowid (a narrow read) and checked to be
+        # the same rows in the same order.
+        floats = [n for n in names if types[n] == pa.float64()]
+        texts = [n for n in names if n not in floats]
+        fields = " || char(31) || ".join(["rowid", *(f"coalesce(\"{n}\", '')"
+                                                     for n in texts)])
+        text_types = {"_rowid": pa.int64(), **{n: types[n] for n in texts}}
+        convert = pacsv.ConvertOptions(column_types=text_types, strings_can_be_null=True,
+                                       quoted_strings_can_be_null=False)
+        float_list = ", ".join(f'"{n}"' for n in floats)
         top = conn.execute(sa.text(f'SELECT max(rowid) FROM "{table.name}"')).scalar() or 0
         parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False)
         try:
             for lo in range(0, int(top), chunk_rows):
+                bounds = {"lo": lo, "hi": lo + chunk_rows}
                 text = conn.execute(sa.text(
                     f'SELECT group_concat({fields}, char(10)) FROM "{table.name}" '
-                    "WHERE rowid > :lo AND rowid <= :hi"),
-                    {"lo": lo, "hi": lo + chunk_rows}).scalar()
-                if text:
-                    tables.append(pacsv.read_csv(
-                        io.BytesIO(text.encode()), parse_options=parse, convert_options=convert,
-                        read_options=pacsv.ReadOptions(column_names=names)))
+                    "WHERE rowid > :lo AND rowid <= :hi"), bounds).scalar()
+                if not text:
+                    continue
+                part = pacsv.read_csv(
+                    io.BytesIO(text.encode()), parse_options=parse, convert_options=convert,
+                    read_options=pacsv.ReadOptions(column_names=list(text_types)))
+                if floats:
+                    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                    try:
+                        got = cur.execute(
+                            f'SELECT rowid, {float_list} FROM "{table.name}" '
+                            "WHERE rowid > :lo AND rowid <= :hi ORDER BY rowid", bounds
+                        ).fetchall()
+                    finally:
+                        cur.close()
+                    cols: list[Sequence[Any]] = list(zip(*got, strict=True)) if got else \
+                        [()] * (len(floats) + 1)
+                    if list(cols[0]) != part.column("_rowid").to_pylist():
+                        raise pa.ArrowInvalid("rows out of step")
+                    for n, values in zip(floats, cols[1:], strict=True):
+                        part = part.append_column(n, pa.array(values, type=pa.float64()))
+                tables.append(part.select(names))
         except pa.ArrowInvalid:  # a separator inside a value: the row-by-row path
             tables = []
         count = conn.execute(sa.text(f'SELECT count(*) FROM "{table.name}"')).scalar_one()
@@ -1056,7 +1085,7 @@ def stored_frame(table: sa.Table, frame: pd.DataFrame, dialect: str) -> pd.DataF
 
 
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
-                chunk_rows: int = 100_000) -> None:
+                chunk_rows: int = 100_000, rows: np.ndarray | None = None) -> None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
@@ -1068,9 +1097,13 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     The rows go ``chunk_rows`` at a time, so only one chunk's values exist as Python
     objects (1.4M goal-status rows were ~0.6 GB of them at once). Chunking stores the
     same values: each conversion in :func:`_column_values` gives a value the database
-    stores identically whichever chunk it is in.
+    stores identically whichever chunk it is in. ``rows``, positions in ``frame``,
+    inserts only those rows, in that order, taken a chunk at a time (no filtered copy
+    of the whole frame).
     """
-    if frame.empty:
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+    if frame.empty or (rows is not None and not len(rows)):
         return
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
@@ -1080,22 +1113,22 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)
     step = max(1, chunk_rows)
-    for lo in range(0, len(frame), step):
-        part = frame.iloc[lo:lo + step]
+    for lo in range(0, len(frame) if rows is None else len(rows), step):
+        part = frame.iloc[lo:lo + step] if rows is None else frame.iloc[rows[lo:lo + step]]
         columns = [_column_values(part[n], table.c[n].type, dialect) for n in names]
         # Rows as a lazy iterator: the driver takes them one at a time, so a chunk's
         # tuples never exist all at once.
-        rows = zip(*columns, strict=True)
+        tuples = zip(*columns, strict=True)
         if dialect == "postgresql":
             with dbapi.cursor() as cur, cur.copy(  # type: ignore[union-attr]
                     f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
-                for row in rows:
+                for row in tuples:
                     copy.write_row(row)
         else:
             cur = dbapi.cursor()  # type: ignore[union-attr]
             try:
                 cur.executemany(f'INSERT INTO "{table.name}" ({quoted}) VALUES '
-                                f'({", ".join("?" * len(names))})', rows)
+                                f'({", ".join("?" * len(names))})', tuples)
             finally:
                 cur.close()
 

@@ -672,3 +672,28 @@ def test_refresh_compares_stored_text_part_by_part() -> None:
     m = firing.merge(text(stored)[[*ident, "flag_id", *text.columns]], on=ident, how="left",
                      suffixes=("", "_was"))
     assert text.unchanged(m[m["flag_id"].notna()]).tolist() == want
+
+
+def test_slim_rule_input_gives_the_same_flags_and_instants(tmp_path: Path,
+                                                           reg: Registry) -> None:
+    """A full compute hands the rules a slim input (only the endorsed risk items of the
+    administrations, the latest date per episode taken from all): every flag, its text
+    and evidence, and every episode's stable_until must be what the whole input gives."""
+    from pipeline.compute import rule_input
+    from pipeline.flags import evaluate, stable_until
+    from tests.conftest import SAMPLE_INPUT
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store.init()
+    settings = Settings()
+    ingest_paths([SAMPLE_INPUT], store, settings, reg, now=NOW)
+    compute(store, settings, reg, full=True, now=NOW)
+    with store.engine.connect() as conn:
+        whole = rule_input(conn, reg, settings, NOW)
+    slim = whole.slim()
+    assert 0 < len(slim.administrations) < len(whole.administrations) / 10
+    full_flags, slim_flags = evaluate(whole), evaluate(slim)
+    assert set(full_flags["kind"]) >= {"risk_item", "missing_measures"}
+    pd.testing.assert_frame_equal(slim_flags, full_flags, check_exact=True)
+    pd.testing.assert_frame_equal(stable_until(slim), stable_until(whole), check_exact=True)
+    store.engine.dispose()

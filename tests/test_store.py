@@ -246,6 +246,36 @@ def test_bulk_read_equals_the_row_by_row_read(store: Store, ids: list[str | None
     assert (pd.to_datetime(bulk["at"]) == pd.to_datetime(raw["at"])).all()
 
 
+def test_bulk_read_gives_floats_bit_for_bit(store: Store,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float columns come exactly as stored (SQLite's text form keeps 15 digits, which
+    would turn 0.1 + 0.2 into 0.3), beside the text columns, without the row path."""
+    import pipeline.store as store_module
+
+    values = [0.1 + 0.2, 1 / 3, None, 1e-300, -2.5, 12345678.123456789, 7.0] * 3
+    meta = sa.MetaData()
+    t = sa.Table("float_probe", meta, sa.Column("pk", sa.Integer, primary_key=True),
+                 sa.Column("name", sa.String), sa.Column("x", sa.Float),
+                 sa.Column("n", sa.Integer), sa.Column("y", sa.Float))
+    with store.transaction() as conn:
+        meta.create_all(conn)
+        conn.execute(t.insert(), [{"name": f"r{i}", "x": v, "n": i, "y": float(i) / 7}
+                                  for i, v in enumerate(values)])
+        raw = read_frame(conn, sa.select(t.c.name, t.c.x, t.c.n, t.c.y), raw=True)
+
+        def no_rows(*_args: Any, **_kw: Any) -> pd.DataFrame:
+            raise AssertionError("bulk_read fell back to the row path")
+
+        monkeypatch.setattr(store_module, "read_frame", no_rows)
+        bulk = bulk_read(conn, t, ["name", "x", "n", "y"], chunk_rows=4)
+    assert bulk["name"].tolist() == raw["name"].tolist() == [f"r{i}" for i in range(21)]
+    for c in ("x", "y"):
+        got = [None if v != v else v for v in bulk[c].tolist()]
+        assert got == [None if v is None or v != v else v for v in raw[c].tolist()], c
+    assert [None if v != v else v for v in bulk["x"].tolist()] == values
+    assert bulk["n"].tolist() == list(range(21))
+
+
 def test_bulk_read_of_an_empty_table(store: Store) -> None:
     bulk, raw = _bulk_and_raw(store, [])
     assert bulk.empty and raw.empty and list(bulk.columns) == ["name", "n", "at"]

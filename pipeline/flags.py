@@ -100,6 +100,10 @@ def _fmt(x: Any, nd: int = 1) -> str:
 
 
 def _date(x: Any) -> str:
+    # Timestamps and datetimes (nearly every value) from their fields: strftime took
+    # ~4 us a value, 2.5 s over a full compute's 560k dates. NaT is a datetime too.
+    if isinstance(x, datetime) and x is not pd.NaT:
+        return f"{x.year}-{x.month:02d}-{x.day:02d}"  # as glibc's %Y: no padding < 1000
     return pd.Timestamp(x).strftime("%Y-%m-%d") if pd.notna(x) else "n/a"
 
 

@@ -697,3 +697,18 @@ def test_slim_rule_input_gives_the_same_flags_and_instants(tmp_path: Path,
     pd.testing.assert_frame_equal(slim_flags, full_flags, check_exact=True)
     pd.testing.assert_frame_equal(stable_until(slim), stable_until(whole), check_exact=True)
     store.engine.dispose()
+
+
+@pytest.mark.parametrize("value", [
+    pd.Timestamp("2025-05-10 08:00:00"), pd.Timestamp("2024-02-29 23:59:59.999999"),
+    datetime(999, 1, 2, 3, 4), datetime(2026, 12, 31), pd.NaT, None, float("nan"),
+    np.datetime64("2025-01-03T10:00"), np.datetime64("NaT"), "2025-07-08",
+    "2025-07-08 10:11:12.000000", pd.Timestamp("2025-03-04").date()])
+def test_message_dates_read_as_strftime_gives_them(value: object) -> None:
+    """_date formats datetimes from their fields: what strftime("%Y-%m-%d") gives."""
+    from pipeline.flags import _date
+
+    want = pd.Timestamp(value).strftime("%Y-%m-%d") if pd.notna(value) else "n/a"
+    if isinstance(value, datetime) and value is not pd.NaT and value.year < 1000:
+        want = datetime.strftime(value, "%Y-%m-%d")  # outside pandas' Timestamp range
+    assert _date(value) == want

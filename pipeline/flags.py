@@ -584,11 +584,11 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     # The stored flags that fire again: every other live one in scope is resolved below.
     fired = m["flag_id"].to_numpy()[~is_new].astype(np.int64)
     if is_new.any():
-        # Picked chunk by chunk, not copied first (the new flags' text: ~0.5 GB at 800k).
+        # By the store's bulk path (COPY on PostgreSQL), the new ones picked chunk by
+        # chunk rather than copied first (the new flags' text: ~0.5 GB at 800k).
         rows = m[FLAG_COLUMNS].assign(first_raised=now, last_seen=now, state="open")
-        # the store's bulk path (COPY on PostgreSQL)
-        bulk_insert(conn, flags_table, rows, rows=None if is_new.all() else
-                    np.flatnonzero(is_new))
+        bulk_insert(conn, flags_table, rows,
+                    positions=None if is_new.all() else np.flatnonzero(is_new))
         counts["raised"] = int(is_new.sum())
         del rows
     # The flags that fire again, without their text (only the changed ones need it).

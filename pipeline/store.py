@@ -1088,9 +1088,9 @@ def stored_frame(table: sa.Table, frame: pd.DataFrame, dialect: str) -> pd.DataF
     Each column is what the values the insert gave the driver (:func:`_column_values`)
     read back as: the dtypes and values ``DataFrame.from_records`` gives in
     :func:`read_frame` for the same rows, computed on arrays (:func:`_stored_column`)
-    without reading or transposing rows. A caller that has just written a frame uses this instead of reading the table
-    again; the consumers convert datetime columns with pandas and booleans to ``bool``
-    (SQLite stores 0/1), as they do after a read.
+    without reading or transposing rows. A caller that has just written a frame uses
+    this instead of reading the table again; the consumers convert datetime columns
+    with pandas and booleans to ``bool`` (SQLite stores 0/1), as they do after a read.
     """
     names = [c.name for c in table.c]
     if frame.empty:
@@ -1104,7 +1104,7 @@ def stored_frame(table: sa.Table, frame: pd.DataFrame, dialect: str) -> pd.DataF
 
 
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
-                chunk_rows: int = 100_000, rows: np.ndarray | None = None) -> None:
+                chunk_rows: int = 100_000, positions: np.ndarray | None = None) -> None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
@@ -1116,13 +1116,13 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     The rows go ``chunk_rows`` at a time, so only one chunk's values exist as Python
     objects (1.4M goal-status rows were ~0.6 GB of them at once). Chunking stores the
     same values: each conversion in :func:`_column_values` gives a value the database
-    stores identically whichever chunk it is in. ``rows``, positions in ``frame``,
-    inserts only those rows, in that order, taken a chunk at a time (no filtered copy
-    of the whole frame).
+    stores identically whichever chunk it is in. ``positions`` (row positions in
+    ``frame``) inserts only those rows, in that order, taken a chunk at a time (no
+    filtered copy of the whole frame).
     """
-    if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
-    if frame.empty or (rows is not None and not len(rows)):
+    if positions is not None:
+        positions = np.asarray(positions, dtype=np.int64)
+    if frame.empty or (positions is not None and not len(positions)):
         return
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
@@ -1132,8 +1132,9 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)
     step = max(1, chunk_rows)
-    for lo in range(0, len(frame) if rows is None else len(rows), step):
-        part = frame.iloc[lo:lo + step] if rows is None else frame.iloc[rows[lo:lo + step]]
+    for lo in range(0, len(frame) if positions is None else len(positions), step):
+        part = frame.iloc[lo:lo + step] if positions is None else \
+            frame.iloc[positions[lo:lo + step]]
         columns = [_column_values(part[n], table.c[n].type, dialect) for n in names]
         # Rows as a lazy iterator: the driver takes them one at a time, so a chunk's
         # tuples never exist all at once.

@@ -147,7 +147,7 @@ def test_bulk_insert_in_chunks_stores_the_same_rows(store: Store) -> None:
     for chunk in (100_000, 3, 1):
         with store.transaction() as conn:
             conn.execute(goals.delete())
-            bulk_insert(conn, goals, goal, chunk_rows=chunk, rows=pick)
+            bulk_insert(conn, goals, goal, chunk_rows=chunk, positions=pick)
             read.append(read_frame(conn, sa.select(goals).order_by(goals.c.episode_id),
                                    raw=True))
     with store.transaction() as conn:
@@ -155,7 +155,7 @@ def test_bulk_insert_in_chunks_stores_the_same_rows(store: Store) -> None:
         bulk_insert(conn, goals, goal.iloc[pick])
         picked = read_frame(conn, sa.select(goals).order_by(goals.c.episode_id), raw=True)
         conn.execute(goals.delete())
-        bulk_insert(conn, goals, goal, rows=np.array([], dtype=np.int64))
+        bulk_insert(conn, goals, goal, positions=np.array([], dtype=np.int64))
         assert read_frame(conn, sa.select(goals), raw=True).empty
     assert len(read[0]) == 7 and len(picked) == 4
     for other in read[1:3]:

@@ -196,3 +196,25 @@ def test_theil_sen_by_size_with_and_without_tied_days(layout: str) -> None:
             continue
         expected = 7 * stats.theilslopes(ys, days).slope
         assert_allclose(out.loc[key, "theil_sen_week"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["fractional scores", "wide days", "integer floats"])
+def test_theil_sen_takes_floats_and_wide_integers(kind: str) -> None:
+    """Integer days and scores are differenced in int32; fractional scores, or values
+    whose differences do not fit int32, keep float64. Every kind matches scipy."""
+    from pipeline.stats.trend import theil_sen
+
+    rng = np.random.default_rng(len(kind))
+    sizes = rng.integers(3, 12, 60)
+    gid = np.repeat(np.arange(sizes.size), sizes)
+    day = np.concatenate([np.sort(rng.choice(400, m, replace=False)) for m in sizes])
+    score = rng.integers(0, 28, gid.size).astype(float)
+    if kind == "fractional scores":
+        score = score + rng.random(gid.size)
+    elif kind == "wide days":
+        day = day * 10_000_000  # differences beyond int32
+    got = theil_sen(gid, day.astype(np.int64), score, sizes.size)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    for g, (s, m) in enumerate(zip(starts, sizes, strict=True)):
+        expected = stats.theilslopes(score[s:s + m], day[s:s + m]).slope
+        assert_allclose(got[g], expected, rtol=1e-12, atol=0)

@@ -318,7 +318,8 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             distinct[repeated] = False
         usable_g = has_all & distinct
         if usable_g.all():  # the usual case: placed by session number throughout
-            col = sn.astype(np.int64) - 1
+            col = sn.astype(np.int64)
+            col -= 1
         else:
             col = np.where(usable_g[gid], sn, k).astype(np.int64) - 1  # usable: no NaN
     keep = (col >= 0) & (col < max_gain_columns)
@@ -329,11 +330,23 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
     points = g.per_measure({c: s.reliable_change_points for c, s in registry.items()
                             if s.reliable_change_points is not None}, np.nan, dtype=float)
     points_row = points[gid]
+    # Whole-length temporaries are few and reused: each one's fresh pages cost ~0.1 s
+    # at 10M rows.
     same = gid[1:] == gid[:-1]
-    pair = same & keep[1:] & keep[:-1] & (col[1:] == col[:-1] + 1)
+    step = np.diff(col)
+    unordered = step <= 0
+    unordered &= same
+    pair = step == 1
+    del step
+    pair &= same
+    pair &= keep[1:]
+    pair &= keep[:-1]
+    change = np.diff(score)
+    np.abs(change, out=change)
     with np.errstate(invalid="ignore"):
-        big = pair & (np.abs(score[:-1] - score[1:]) >= points_row[1:])
-    unordered = same & (col[1:] <= col[:-1])
+        big = change >= points_row[1:]
+    del change
+    big &= pair
     flagged = np.zeros(n_groups, dtype=bool)
     flagged[gid[1:][big | unordered]] = True
     groups = np.flatnonzero(flagged)

@@ -15,6 +15,8 @@ References
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -24,7 +26,7 @@ __all__ = ["grouped_trend", "theil_sen"]
 
 
 def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
-              score: npt.NDArray[np.float64], n_groups: int,
+              score: npt.NDArray[Any], n_groups: int,
               want: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.float64]:
     """Theil-Sen slope (per day) per group: the median of pairwise slopes.
 
@@ -52,26 +54,31 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
         # Built pairs x groups, so each difference is one long contiguous row per shift
         # (a groups x pairs layout loops over short rows), then turned for the median.
         idx = starts[sel] + np.arange(m)[:, None]
-        d, y = day[idx].astype(float), score[idx]
+        # Differences of integers are exact in int32 (half the memory of float64, and
+        # every new array's pages cost time); the slope dy/dd is then the same float.
+        d, y = day[idx], score[idx]
+        d = d.astype(np.int32) if _fits_int32(d) else d.astype(float)
+        y = y.astype(np.int32) if _fits_int32(y) else y.astype(float)
         width = int(m * (m - 1) // 2)
-        dd, dy = np.empty((width, sel.size)), np.empty((width, sel.size))
+        dd, dy = np.empty((width, sel.size), d.dtype), np.empty((width, sel.size), y.dtype)
         at = 0
         for shift in range(1, int(m)):
             np.subtract(d[shift:], d[:-shift], out=dd[at:at + m - shift])
             np.subtract(y[shift:], y[:-shift], out=dy[at:at + m - shift])
             at += int(m) - shift
         ties = (dd[:m - 1] == 0).any(axis=0)  # equal days, from adjacent pairs
+        # The slopes straight into the turned (groups x pairs) layout the median needs.
+        slopes = np.empty((sel.size, width))
         with np.errstate(invalid="ignore", divide="ignore"):
-            np.divide(dy, dd, out=dy)
+            np.divide(dy.T, dd.T, out=slopes)
+        del dy
         if ties.any():
-            zero = dd == 0
-            dy[zero] = np.nan
-            valid = width - zero.sum(axis=0)
+            zero = dd.T == 0
+            slopes[zero] = np.nan
+            valid = width - zero.sum(axis=1)
         else:
             valid = np.full(sel.size, width)
-        del dd  # before the turned copy: at most two pairs x groups arrays at a time
-        slopes = np.ascontiguousarray(dy.T)
-        del dy
+        del dd
         # Rows with every pair valid need only the two middle order statistics
         # (a partition); rows with equal days are sorted, their NaNs last.
         middle = [(width - 1) // 2, width // 2]
@@ -91,6 +98,17 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
         med = (slopes[rows, lo] + slopes[rows, np.minimum(hi, slopes.shape[1] - 1)]) / 2
         out[codes[sel]] = np.where(valid > 0, med, np.nan)
     return out
+
+
+def _fits_int32(values: np.ndarray) -> bool:
+    """Integer values (of any dtype) whose differences fit int32."""
+    if values.size == 0:
+        return True
+    if values.dtype.kind not in "iu":
+        if values.dtype.kind != "f" or not np.all(np.isfinite(values)) or \
+                not np.array_equal(values, np.round(values)):
+            return False
+    return bool(abs(float(values.min())) < 2**30 and abs(float(values.max())) < 2**30)
 
 
 def grouped_trend(frame: pd.DataFrame, by: list[str], day: str = "day",
@@ -179,7 +197,7 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
     t = special.stdtrit(df_values, 1 - alpha / 2)[df_index]
     in_order = contiguous and bool(np.all((d[1:] >= d[:-1]) | (gid[1:] != gid[:-1]))) if gid.size else True
     order = slice(None) if in_order else np.lexsort((d, gid))
-    ts = theil_sen(gid[order], d[order], y[order].astype(float), n_groups, want=enough)
+    ts = theil_sen(gid[order], d[order], y[order], n_groups, want=enough)
     return {
         "n": n, "sum_d": sd, "sum_y": sy, "sum_dy": sdy, "sum_dd": sdd,
         "slope_week": slope * 7, "slope_se_week": se * 7,

@@ -92,15 +92,8 @@ class ComputeReport:
 
 
 def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
-    cols = [administrations.c[c] for c in _ADMIN_COLS]
-    if episode_ids is None:
-        df = bulk_read(conn, administrations, _ADMIN_COLS)
-    else:
-        parts = [read_frame(conn, sa.select(*cols).where(
-            administrations.c.episode_id.in_(episode_ids[i:i + 900])), raw=True)
-            for i in range(0, len(episode_ids), 900)]
-        df = pd.concat(parts, ignore_index=True) if parts else \
-            pd.DataFrame(columns=_ADMIN_COLS)
+    df = bulk_read(conn, administrations, _ADMIN_COLS,
+                   where_in=None if episode_ids is None else ("episode_id", episode_ids))
     df["administered_at"] = pd.to_datetime(df["administered_at"]).astype("datetime64[us]")
     df["score"] = df["score"].astype("int64")
     df["session_number"] = df["session_number"].astype("Int64")

@@ -875,16 +875,20 @@ def _arrow_types(table: sa.Table, names: list[str]) -> dict[str, Any]:
             for n in names}
 
 
-def _sqlite_ranges(conn: Connection, table: sa.Table, names: list[str], types: dict[str, Any],
-                   ranges: list[tuple[int, int]]) -> list[Any]:
-    """:func:`bulk_read`'s SQLite path over ``rowid`` ranges: one Arrow table per range
-    that has rows, in the order of ``ranges``."""
+def _sqlite_parts(conn: Connection, table: sa.Table, names: list[str], types: dict[str, Any],
+                  parts: list[tuple[str, dict[str, Any]]], counted: bool = False) -> list[Any]:
+    """:func:`bulk_read`'s SQLite path: one Arrow table per part that has rows, in the
+    order of ``parts``, each part a ``WHERE`` condition with its parameters (ranges of
+    ``rowid``, or lists of key values). Rows of a part come in the order SQLite scans
+    them, as a plain ``SELECT`` with that condition gives them. With ``counted``, each
+    part's rows are counted in the same query and a parse that gives another number
+    raises ``ArrowInvalid`` (the caller then reads row by row)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     # A REAL's text form keeps 15 digits, not every bit: floats come as the driver's
-    # own values, fetched beside the text by rowid (a narrow read) and checked to be
-    # the same rows in the same order.
+    # own values, fetched beside the text with their rowid (a narrow read) and matched
+    # to the text rows by it.
     floats = [n for n in names if types[n] == pa.float64()]
     texts = [n for n in names if n not in floats]
     # One printf per row (NULL prints as ''), not a chain of || that builds a string per
@@ -902,38 +906,53 @@ def _sqlite_ranges(conn: Connection, table: sa.Table, names: list[str], types: d
     parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False)
     float_list = ", ".join(f'"{n}"' for n in floats)
     out = []
-    for lo, hi in ranges:
-        bounds = {"lo": lo, "hi": hi}
-        text = conn.execute(sa.text(
-            f'SELECT group_concat({fields}, char(10)) FROM "{table.name}" '
-            "WHERE rowid > :lo AND rowid <= :hi"), bounds).scalar()
-        if not text:  # no rows in this range
+    for where, params in parts:
+        n_rows, text = conn.execute(sa.text(
+            f'SELECT count(*), group_concat({fields}, char(10)) FROM "{table.name}" '
+            f"WHERE {where}"), params).one()
+        if not text:  # no rows in this part
             continue
         part = pacsv.read_csv(io.BytesIO(text.encode()), parse_options=parse,
                               convert_options=convert,
                               read_options=pacsv.ReadOptions(column_names=list(text_types)))
+        if counted and part.num_rows != n_rows:
+            raise pa.ArrowInvalid("a value holds a line break")
         if floats:
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 got = cur.execute(f'SELECT rowid, {float_list} FROM "{table.name}" '
-                                  "WHERE rowid > :lo AND rowid <= :hi ORDER BY rowid",
-                                  bounds).fetchall()
+                                  f"WHERE {where}", params).fetchall()
             finally:
                 cur.close()
             cols: list[Sequence[Any]] = list(zip(*got, strict=True)) if got else \
                 [()] * (len(floats) + 1)
-            if list(cols[0]) != part.column("_rowid").to_pylist():
-                raise pa.ArrowInvalid("rows out of step")
+            rowid = part.column("_rowid").to_numpy()
+            got_rowid = np.asarray(cols[0], dtype=np.int64)
+            at = None  # the float rows in text-row order (None: already so)
+            if not np.array_equal(rowid, got_rowid):
+                by_text, by_got = np.argsort(rowid), np.argsort(got_rowid)
+                if rowid.size != got_rowid.size or \
+                        not np.array_equal(rowid[by_text], got_rowid[by_got]):
+                    raise pa.ArrowInvalid("rows out of step")
+                at = np.empty(rowid.size, dtype=np.int64)
+                at[by_text] = by_got
             for n, values in zip(floats, cols[1:], strict=True):
-                part = part.append_column(n, pa.array(values, type=pa.float64()))
+                array = pa.array(values, type=pa.float64())
+                part = part.append_column(n, array if at is None else array.take(at))
         out.append(part.select(names))
     return out
 
 
 def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
-              chunk_rows: int = 500_000) -> pd.DataFrame:
+              chunk_rows: int = 500_000, where_in: tuple[str, Sequence[str]] | None = None
+              ) -> pd.DataFrame:
     """Some columns of a whole table, in table order, by a columnar path, in the
     caller's transaction (so it sees the caller's snapshot).
+
+    ``where_in`` ``(column, values)`` reads only the rows whose ``column`` is one of
+    ``values`` (900 values a query, in the order a plain ``SELECT ... WHERE column IN``
+    gives them, as :func:`read_frame` would read them): on SQLite by the same text
+    path, each query's rows counted; elsewhere row by row.
 
     Fetching one Python tuple per row costs most of a large read. Instead the database
     writes the rows as delimited text and pyarrow parses it: PostgreSQL by
@@ -959,6 +978,8 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
     convert = pacsv.ConvertOptions(column_types=types, true_values=["t"], false_values=["f"],
                                    strings_can_be_null=True, quoted_strings_can_be_null=False)
     tables: list[Any] = []
+    if where_in is not None:
+        return _bulk_read_in(conn, table, names, types, *where_in)
     if dialect == "postgresql":
         buf = io.BytesIO()
         dbapi = conn.connection.driver_connection
@@ -977,7 +998,8 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
         top = conn.execute(sa.text(f'SELECT max(rowid) FROM "{table.name}"')).scalar() or 0
         ranges = [(lo, lo + chunk_rows) for lo in range(0, int(top), chunk_rows)]
         try:
-            tables = _sqlite_ranges(conn, table, names, types, ranges)
+            tables = _sqlite_parts(conn, table, names, types, [
+                ("rowid > :lo AND rowid <= :hi", {"lo": lo, "hi": hi}) for lo, hi in ranges])
         except pa.ArrowInvalid:  # a separator inside a value: the row-by-row path
             tables = []
         count = conn.execute(sa.text(f'SELECT count(*) FROM "{table.name}"')).scalar_one()
@@ -989,6 +1011,34 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
             return read_frame(conn, sa.select(*[table.c[n] for n in names]), raw=True)
     else:
         return read_frame(conn, sa.select(*[table.c[n] for n in names]), raw=True)
+    if not tables:
+        return pd.DataFrame(columns=names)
+    return pa.concat_tables(tables).to_pandas()
+
+
+def _bulk_read_in(conn: Connection, table: sa.Table, names: list[str], types: dict[str, Any],
+                  key: str, values: Sequence[str]) -> pd.DataFrame:
+    """:func:`bulk_read` of the rows whose ``key`` is one of ``values``."""
+    import pyarrow as pa
+
+    chunks = [list(values[i:i + 900]) for i in range(0, len(values), 900)]
+
+    def row_by_row() -> pd.DataFrame:
+        cols = [table.c[n] for n in names]
+        frames = [read_frame(conn, sa.select(*cols).where(table.c[key].in_(part)), raw=True)
+                  for part in chunks]
+        return pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame(columns=names)
+
+    if conn.dialect.name != "sqlite" or \
+            not all(t in (pa.int64(), pa.string(), pa.float64()) for t in types.values()):
+        return row_by_row()
+    parts = [(f'"{key}" IN ({", ".join(f":k{j}" for j in range(len(part)))})',
+              {f"k{j}": v for j, v in enumerate(part)}) for part in chunks]
+    try:
+        tables = _sqlite_parts(conn, table, names, types, parts, counted=True)
+    except pa.ArrowInvalid:  # a separator or line break inside a value
+        return row_by_row()
     if not tables:
         return pd.DataFrame(columns=names)
     return pa.concat_tables(tables).to_pandas()

@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -360,3 +361,53 @@ def test_init_adds_later_indexes_and_fills_the_service_cells(store: Store,
                                                                     "at_caseness": "int64",
                                                                     "recovered": "int64"}))
     assert int(cells["episodes"].sum()) == len(es)
+
+
+@pytest.mark.parametrize("odd", [None, "bad\x1fseparator", "two\nlines"])
+def test_bulk_read_of_some_keys_equals_the_row_by_row_read(
+        store: Store, odd: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``where_in`` reads the rows of some keys (more than one query's 900) in the order
+    and with the values a plain ``IN`` read gives, floats bit for bit; a separator or a
+    line break inside a value falls back to the row path with the same result."""
+    meta = sa.MetaData()
+    t = sa.Table("in_probe", meta, sa.Column("pk", sa.Integer, primary_key=True),
+                 sa.Column("key", sa.String, index=True), sa.Column("name", sa.String),
+                 sa.Column("n", sa.Integer), sa.Column("x", sa.Float))
+    keys = [f"K{i:04d}" for i in range(1500)]
+    rng = np.random.default_rng(5)
+    rows = [{"key": keys[int(rng.integers(0, len(keys)))], "name": f"r{i}",
+             "n": None if i % 5 == 0 else i, "x": None if i % 7 == 0 else i / 3}
+            for i in range(4000)]
+    rows[17]["name"] = odd
+    wanted = [k for k in keys if int(k[1:]) % 3 != 0] + ["K9999"]  # one key with no rows
+    with store.transaction() as conn:
+        meta.create_all(conn)
+        conn.execute(t.insert(), rows)
+        if odd is None and store.dialect == "sqlite":  # the text path, not the fallback
+            import pipeline.store as store_module
+
+            def no_rows(*_args: Any, **_kw: Any) -> pd.DataFrame:
+                raise AssertionError("bulk_read fell back to the row path")
+
+            with monkeypatch.context() as m:
+                m.setattr(store_module, "read_frame", no_rows)
+                bulk = bulk_read(conn, t, ["key", "name", "n", "x"], where_in=("key", wanted))
+        else:
+            bulk = bulk_read(conn, t, ["key", "name", "n", "x"], where_in=("key", wanted))
+        parts = [read_frame(conn, sa.select(t.c.key, t.c.name, t.c.n, t.c.x)
+                            .where(t.c.key.in_(wanted[i:i + 900])), raw=True)
+                 for i in range(0, len(wanted), 900)]
+        none = bulk_read(conn, t, ["key", "name"], where_in=("key", ["nothing"]))
+    raw = pd.concat(parts, ignore_index=True)
+    expected = sum(1 for r in rows if r["key"] in set(wanted))
+    assert len(bulk) == len(raw) == expected > 2000
+
+    def plain(values: pd.Series) -> list[Any]:
+        return [None if v is None or (isinstance(v, float) and v != v) else v
+                for v in values.tolist()]
+
+    for c in ("key", "name", "x"):
+        assert plain(bulk[c]) == plain(raw[c]), c
+    assert [None if pd.isna(v) else int(v) for v in bulk["n"]] == \
+        [None if v is None or v != v else int(v) for v in raw["n"]]
+    assert none.empty and list(none.columns) == ["key", "name"]

@@ -156,17 +156,18 @@ def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: i
 def _scoped(conn: sa.Connection, table: sa.Table, columns: list[str] | None,
             ids: list[str] | None, columnar: bool = False) -> pd.DataFrame:
     """A table (some columns), restricted to some episodes when ``ids`` is given.
-    ``columnar``: the whole table by :func:`bulk_read`, for a table whose text columns
-    never hold an empty string and whose dates the callers convert with pandas (the
-    PostgreSQL path gives them as text, not date objects)."""
+    ``columnar``: by :func:`bulk_read` (all rows, or ``where_in`` the episodes), for a
+    table whose text columns never hold an empty string and whose dates the callers
+    convert with pandas (the PostgreSQL path gives them as text, not date objects)."""
     cols = [table.c[c] for c in columns] if columns else list(table.c)
     names = [c.name for c in cols]
     # Raw DBAPI values (dates as the driver gives them), read the same way for every
     # episode or some: callers convert with pandas. (SQLAlchemy's per-row date
     # processing took 8.8 of the 10.6 s of a full read of 1.4M goals and 560k episodes.)
+    if columnar:
+        return bulk_read(conn, table, names, where_in=None if ids is None else
+                         ("episode_id", ids)).reindex(columns=names)
     if ids is None:
-        if columnar:
-            return bulk_read(conn, table, names).reindex(columns=names)
         return read_frame(conn, sa.select(*cols), raw=True).reindex(columns=names)
     parts = [read_frame(conn, sa.select(*cols).where(table.c.episode_id.in_(ids[i:i + 900])),
                         raw=True)
@@ -253,7 +254,7 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
     adm["administered_at"] = pd.to_datetime(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
-    # Columnar on a full run (1.4M goals: 6.7 s by rows): every text column of a goal is
+    # Columnar (a full run's 1.4M goals: 6.7 s by rows): every text column of a goal is
     # required or blank-as-missing at validation, and goal_status converts the dates.
     gl = _scoped(conn, goals, None, episode_ids, columnar=True)
     if not gl.empty:

@@ -972,14 +972,14 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
     import pyarrow.csv as pacsv
 
     names = [str(c) for c in columns]
-    quoted = ", ".join(f'"{n}"' for n in names)
     types = _arrow_types(table, names)
+    if where_in is not None:
+        return _bulk_read_in(conn, table, names, types, *where_in)
+    quoted = ", ".join(f'"{n}"' for n in names)
     dialect = conn.dialect.name
     convert = pacsv.ConvertOptions(column_types=types, true_values=["t"], false_values=["f"],
                                    strings_can_be_null=True, quoted_strings_can_be_null=False)
     tables: list[Any] = []
-    if where_in is not None:
-        return _bulk_read_in(conn, table, names, types, *where_in)
     if dialect == "postgresql":
         buf = io.BytesIO()
         dbapi = conn.connection.driver_connection
@@ -1021,7 +1021,7 @@ def _bulk_read_in(conn: Connection, table: sa.Table, names: list[str], types: di
     """:func:`bulk_read` of the rows whose ``key`` is one of ``values``."""
     import pyarrow as pa
 
-    chunks = [list(values[i:i + 900]) for i in range(0, len(values), 900)]
+    chunks = list(_parts(values))
 
     def row_by_row() -> pd.DataFrame:
         cols = [table.c[n] for n in names]

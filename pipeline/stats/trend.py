@@ -49,16 +49,16 @@ def theil_sen(gid: npt.NDArray[np.int64], day: npt.NDArray[np.int64],
     keep = sizes >= 2
     if want is not None:
         keep &= want[codes]
+    # Differences of integers are exact in int32 (half the memory of float64, and every
+    # new array's pages cost time); the slope dy/dd is then the same float.
+    d_type = np.int32 if _fits_int32(day) else np.float64
+    y_type = np.int32 if _fits_int32(score) else np.float64
     for m in np.unique(sizes[keep]):
         sel = np.flatnonzero(keep & (sizes == m))
         # Built pairs x groups, so each difference is one long contiguous row per shift
         # (a groups x pairs layout loops over short rows), then turned for the median.
         idx = starts[sel] + np.arange(m)[:, None]
-        # Differences of integers are exact in int32 (half the memory of float64, and
-        # every new array's pages cost time); the slope dy/dd is then the same float.
-        d, y = day[idx], score[idx]
-        d = d.astype(np.int32) if _fits_int32(d) else d.astype(float)
-        y = y.astype(np.int32) if _fits_int32(y) else y.astype(float)
+        d, y = day[idx].astype(d_type), score[idx].astype(y_type)
         width = int(m * (m - 1) // 2)
         dd, dy = np.empty((width, sel.size), d.dtype), np.empty((width, sel.size), y.dtype)
         at = 0

@@ -341,6 +341,31 @@ def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
         _insert(conn, table, frame, run_id)
 
 
+def changed_episodes(before: pd.DataFrame, after: pd.DataFrame, values: list[str]
+                     ) -> list[str]:
+    """Episodes (sorted) whose one row differs between ``before`` (as read back) and
+    ``after`` (as computed), or that have a row in only one of them.
+
+    Each frame has an ``episode_id`` column (unique) and the ``values`` columns, text or
+    integer. Values are compared as Python objects, missing equal to missing only (None,
+    NaN, NaT alike): ``1`` equals ``1.0`` and ``"1"`` does not. Rows are never compared
+    by position, so the frames' orders do not matter.
+    """
+    def plain(frame: pd.DataFrame) -> pd.DataFrame:
+        out = pd.DataFrame({c: frame[c].astype(object).where(frame[c].notna(), None)
+                            for c in ["episode_id", *values]})
+        return out.set_index("episode_id")
+
+    b, a = plain(before), plain(after)
+    ids = b.index.union(a.index)
+    b, a = b.reindex(ids), a.reindex(ids)
+    differs = ids.isin(before["episode_id"]) != ids.isin(after["episode_id"])
+    for c in values:
+        x, y = a[c], b[c]
+        differs |= ~((x == y).to_numpy(dtype=bool) | (x.isna() & y.isna()).to_numpy())
+    return sorted(ids[differs].astype(str))
+
+
 def compute(store: Store, settings: Settings, registry: Registry, *, full: bool = False,
             keep_reference: bool = False, now: datetime | None = None) -> ComputeReport:
     """Recompute outcomes (incrementally unless ``full``) and flags, atomically.
@@ -476,14 +501,19 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
         svc = svc.astype({c: "int64" for c in SERVICE_COUNTS})
-        if scope is not None:  # the scope's rows as they were, for the cells' change
-            before = _scoped(conn, episode_service_table,
-                             [*CELL_KEY, *SERVICE_COUNTS], scope)
-        _replace(conn, episode_service_table, svc, scope, run_id)
         if scope is None:
+            _replace(conn, episode_service_table, svc, None, run_id)
             refresh_service_cells(conn)
         else:
-            update_service_cells(conn, before, svc)
+            # Only the episodes whose row differs are rewritten: a cycle's new scores
+            # seldom change an episode's service indicators (none of 9,945 did in a 10M
+            # cycle), and rewriting the rest cost ~0.3 s and ~9k dirty pages.
+            values = [*CELL_KEY, *SERVICE_COUNTS]
+            before = _scoped(conn, episode_service_table, ["episode_id", *values], scope)
+            changed = changed_episodes(before, svc, values)
+            was, now_ = before["episode_id"].isin(changed), svc["episode_id"].isin(changed)
+            _replace(conn, episode_service_table, svc[now_.to_numpy()], changed, run_id)
+            update_service_cells(conn, before[was.to_numpy()], svc[now_.to_numpy()])
         timings["flags"] = time.perf_counter() - t4
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
             finished_at=utcnow(), status="done", episodes=n_episodes))

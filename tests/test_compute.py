@@ -698,3 +698,43 @@ def test_boolean_columns_convert_as_value_by_value(values: pd.Series) -> None:
     got["x"] = _as_bools(got["x"])
     pd.testing.assert_frame_equal(got, expected)
     assert [type(v) for v in got["x"]] == [type(v) for v in expected["x"]]
+
+
+def _service_rows(**columns: list[Any]) -> pd.DataFrame:
+    base: dict[str, list[Any]] = {"episode_id": ["E1", "E2", "E3"],
+                                  "team": ["A", "A", None],
+                                  "end_month": ["2025-01", None, None],
+                                  "recovered": [1, 0, 0]}
+    base.update(columns)
+    return pd.DataFrame(base)
+
+
+@pytest.mark.parametrize(("after", "expected"), [
+    # As read back (object, None) against as computed (str dtype, NaN, int64): equal.
+    (pd.DataFrame({"episode_id": pd.Series(["E3", "E1", "E2"], dtype="str"),
+                   "team": pd.Series([np.nan, "A", "A"], dtype="str"),
+                   "end_month": [np.nan, "2025-01", np.nan],
+                   "recovered": np.array([0, 1, 0], dtype="int64")}), []),
+    (_service_rows(recovered=[1, 1, 0]), ["E2"]),
+    (_service_rows(team=["A", "B", None]), ["E2"]),
+    (_service_rows(team=["A", "A", "A"]), ["E3"]),  # missing -> a value
+    (_service_rows(end_month=[None, None, None]), ["E1"]),  # a value -> missing
+    (_service_rows(recovered=[1.0, 0.0, 0.0]), []),  # 1 == 1.0
+    (_service_rows(recovered=["1", 0, 0]), ["E1"]),  # text is not a number
+    (_service_rows().iloc[[0, 2]], ["E2"]),  # a row gone
+    (pd.concat([_service_rows(), _service_rows().iloc[[0]].assign(episode_id="E9")]),
+     ["E9"]),  # a row added
+    (_service_rows(recovered=[0, 1, 1], end_month=["2025-02", None, None]),
+     ["E1", "E2", "E3"]),
+])
+def test_changed_episodes_compares_values_not_forms(after: pd.DataFrame,
+                                                     expected: list[str]) -> None:
+    """An incremental run rewrites only the episode_service rows that changed: a row
+    that differs in any value, or exists on one side only, must be found (a miss leaves
+    a stale row behind); the read-back form of an unchanged row must not."""
+    from pipeline.compute import changed_episodes
+
+    before = _service_rows().astype(object)
+    assert changed_episodes(before, after, ["team", "end_month", "recovered"]) == expected
+    assert changed_episodes(before.iloc[::-1], after, ["team", "end_month",
+                                                       "recovered"]) == expected

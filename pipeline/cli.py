@@ -21,13 +21,13 @@ __all__ = ["main"]
 
 
 def _store(settings: Settings) -> Store:
-    store = Store(settings.resolved_database_url)
+    store = Store(settings.resolved_database_url, settings.sqlite_bulk_cache_mb)
     store.init()
     return store
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
-    store = Store(settings.resolved_database_url)
+    store = Store(settings.resolved_database_url, settings.sqlite_bulk_cache_mb)
     version = store.init()
     print(f"store ready: {store.safe_url} (schema version {version})")
     return 0

@@ -27,7 +27,7 @@ _SECRET_FIELDS = frozenset({"secret_key", "export_key"})
 _OPERATIONAL = frozenset({"database_url", "data_dir", "inbox", "schedule_cron",
                           "environment", "login_max_failures", "login_window_seconds",
                           "proxy_hops", "max_file_bytes", "max_field_chars", "chunk_rows",
-                          "compute_threads"})
+                          "compute_threads", "sqlite_bulk_cache_mb"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class Settings:
     #: groups, computed side by side; the stored results do not depend on it). 0: one per CPU
     #: this process may use.
     compute_threads: int = 0
+    #: SQLite page cache of an ingest's transaction, in MB, taken as pages are touched
+    #: (the inserts into a large store's unique index re-read pages through SQLite's
+    #: 2 MB default). Other transactions keep the default. 0: the default for ingest too.
+    sqlite_bulk_cache_mb: int = 256
     #: Folder watched by ``ontrack run`` (processed/ and failed/ are made inside it).
     inbox: Path = Path("data/inbox")
     #: Cron expression of ``ontrack schedule`` (minute hour day month weekday).
@@ -211,6 +215,10 @@ def load_settings(
                                             settings.login_window_seconds))
     if settings.proxy_hops < 0:
         raise ConfigError("proxy_hops must be 0 or more", value=settings.proxy_hops)
+    if settings.sqlite_bulk_cache_mb < 0:
+        raise ConfigError("sqlite_bulk_cache_mb must be 0 (SQLite's default) or more",
+                          value=settings.sqlite_bulk_cache_mb,
+                          fix="set ONTRACK_SQLITE_BULK_CACHE_MB")
     if settings.compute_threads < 0:
         raise ConfigError("compute_threads must be 0 (one per CPU) or more",
                           value=settings.compute_threads, fix="set ONTRACK_COMPUTE_THREADS")

@@ -129,7 +129,7 @@ def run_cycle(settings: Settings, registry: Registry, *, inbox: Path | None = No
     if not inbox.is_dir() or not os.access(inbox, os.R_OK | os.X_OK):
         raise JobError("inbox folder is missing or unreadable", inbox=str(inbox),
                        fix="create it or set ONTRACK_INBOX / --inbox")
-    store = Store(settings.resolved_database_url)
+    store = Store(settings.resolved_database_url, settings.sqlite_bulk_cache_mb)
     store.init()
     with CycleLock(settings.data_dir / "ontrack.lock", wait=wait):
         with store.transaction() as conn:

@@ -531,12 +531,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: SQLite's default page cache, in KiB (``PRAGMA cache_size=-2000``).
+SQLITE_DEFAULT_CACHE_KIB = 2000
+
+
 def _sqlite_begin(conn: Connection) -> None:
     # Writers take the write lock up front (BEGIN IMMEDIATE) and wait for it through
     # busy_timeout; a deferred writer that read first could fail with SQLITE_BUSY when
     # another writer commits in between. Readers BEGIN deferred: a WAL snapshot.
-    mode = conn.get_execution_options().get("ontrack_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if mode else "BEGIN")
+    options = conn.get_execution_options()
+    # Every transaction sets its page cache (see Store.transaction), so a pooled
+    # connection never keeps a bulk writer's (SQLite frees the excess pages).
+    kib = int(options.get("ontrack_cache_kib", SQLITE_DEFAULT_CACHE_KIB))
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{kib}")
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("ontrack_write") else "BEGIN")
 
 
 #: Key of the PostgreSQL advisory lock that serialises OnTrack's write transactions
@@ -547,8 +555,13 @@ WRITE_LOCK_KEY = 0x0A7_7AC4
 class Store:
     """A handle on the database: schema, transactions, and every query OnTrack makes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, bulk_cache_mb: int = 256) -> None:
+        """Open the database at ``url``; ``bulk_cache_mb``: SQLite's page cache of a
+        bulk write transaction (``Settings.sqlite_bulk_cache_mb``; 0: SQLite's default;
+        see :meth:`transaction`)."""
         self.url = url
+        self._bulk_cache_kib = bulk_cache_mb * 1024 if bulk_cache_mb > 0 else \
+            SQLITE_DEFAULT_CACHE_KIB
         try:
             if url.startswith("sqlite:///"):
                 path = Path(url.removeprefix("sqlite:///"))
@@ -614,15 +627,22 @@ class Store:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, bulk: bool = False) -> Iterator[Connection]:
         """One write transaction: committed on success, rolled back on any error.
 
         Write transactions are serialised (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a
         transaction-scoped advisory lock), so two writers, say a cycle and a plan review,
         never lose each other's writes; a process killed inside one leaves nothing.
+
+        ``bulk``: the transaction inserts many rows into large indexes (an ingest). On
+        SQLite it gets a larger page cache: with the 2 MB default the inserts into the
+        unique index of 10M administrations re-read its pages from the OS, and 256 MB
+        took the 10M ingest from 472 s to 420 s (system time 80 -> 31 s). Not for every
+        writer: the cache's fresh memory made a cycle's compute ~0.5 s slower.
         """
         with self.engine.connect() as conn:
-            conn.execution_options(ontrack_write=True)
+            conn.execution_options(ontrack_write=True, ontrack_cache_kib=(
+                self._bulk_cache_kib if bulk else SQLITE_DEFAULT_CACHE_KIB))
             with conn.begin():
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),

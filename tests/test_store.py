@@ -50,6 +50,50 @@ def test_bad_url_is_a_store_error() -> None:
         Store("not a url at all")
 
 
+@pytest.mark.parametrize(("mb", "bulk_kib"), [(64, 65536), (0, 2000)])
+def test_sqlite_bulk_transactions_get_the_configured_page_cache(
+        tmp_path: Path, mb: int, bulk_kib: int) -> None:
+    """A bulk write transaction (an ingest) has the configured cache (0: SQLite's 2 MB
+    default); any other transaction on the same pooled connection, read or write, has
+    the default again."""
+    store = Store(f"sqlite:///{tmp_path / 'c.db'}", bulk_cache_mb=mb)
+    store.init()
+    for _ in range(2):
+        with store.transaction(bulk=True) as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -bulk_kib
+        with store.snapshot() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -2000
+        with store.transaction(bulk=True) as conn:
+            pass
+        with store.transaction() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -2000
+
+
+def test_an_ingest_writes_in_bulk_transactions(store: Store, settings: Settings,
+                                               registry: Registry,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    bulk: list[bool] = []
+    plain = Store.transaction
+
+    def spy(self: Store, bulk_: bool = False, **kw: Any) -> Any:
+        bulk.append(bool(kw.get("bulk", bulk_)))
+        return plain(self, bulk=bool(kw.get("bulk", bulk_)))
+
+    monkeypatch.setattr(Store, "transaction", spy)
+    report = ingest([SAMPLE_INPUT], store, settings, registry)
+    assert report.total("accepted") > 0 and len(bulk) >= 5 and all(bulk), bulk
+
+
+def test_a_negative_bulk_cache_is_refused() -> None:
+    from pipeline.config import load_settings
+    from pipeline.errors import ConfigError
+
+    assert load_settings(env={"ONTRACK_SQLITE_BULK_CACHE_MB": "16"}
+                         ).sqlite_bulk_cache_mb == 16
+    with pytest.raises(ConfigError, match="sqlite_bulk_cache_mb"):
+        load_settings(env={"ONTRACK_SQLITE_BULK_CACHE_MB": "-1"})
+
+
 # ------------------------------------------------------------------ idempotency
 
 

@@ -266,7 +266,7 @@ class _Ingestor:
         self._file_plans = set()  # episodes whose plan this file created
         self._whole = None  # every id, when a chunk names too many to look up
         digest = content_hash(op.path)
-        with self.store.transaction() as conn:
+        with self.store.transaction(bulk=True) as conn:
             rep.batch_id = self.store.start_batch(conn, str(op.path), digest, op.kind, self.now)
             if op.error is not None:
                 rep.status = "rejected"

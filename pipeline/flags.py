@@ -36,7 +36,7 @@ from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 from pipeline.columns import is_in
 from pipeline.config import Settings
 from pipeline.scales import Registry
-from pipeline.store import bulk_insert, iter_frames, read_frame, to_records
+from pipeline.store import bulk_insert, bulk_read, iter_frames, to_records
 from pipeline.store import flags as flags_table
 
 __all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold",
@@ -572,10 +572,13 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     if episodes is None:
         parts = [compare(c) for c in iter_frames(conn, q, 50_000)]
     else:
-        ids = sorted(episodes)
-        parts = [compare(read_frame(conn, q.where(flags_table.c.episode_id.in_(
-            ids[i:i + 900])), raw=True)) for i in range(0, len(ids), 900)] or \
-            [compare(read_frame(conn, q.where(sa.false()), raw=True))]
+        # By the columnar text path, 900 episodes a query as before (an ingest's refresh
+        # of 10k new scores' episodes: 0.14 -> 0.10 s); the kinds picked afterwards.
+        some = bulk_read(conn, flags_table, [c.name for c in cols],
+                         where_in=("episode_id", sorted(episodes)))
+        if kinds is not None:
+            some = some[some["kind"].isin(list(kinds)).to_numpy()].reset_index(drop=True)
+        parts = [compare(some)]
     stored = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     del parts
     m = compare.joined(f, stored)

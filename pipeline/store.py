@@ -990,8 +990,10 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
     as the driver's values beside the text, matched by ``rowid``.
 
     Values arrive as the driver stores them, as with ``read_frame(raw=True)``: datetimes
-    as text, nullable integers as float. An empty text value reads as missing, so use
-    this for columns where an empty string is not a value (ids, codes, timestamps).
+    as text, nullable integers as float. An empty text value reads as missing in a
+    nullable column (SQLite's text form cannot tell them apart), so use this for
+    nullable columns where an empty string is not a value (ids, codes, timestamps); a
+    ``NOT NULL`` text column reads it as the empty string it must be.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -1038,7 +1040,17 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
         return read_frame(conn, sa.select(*[table.c[n] for n in names]), raw=True)
     if not tables:
         return pd.DataFrame(columns=names)
-    return pa.concat_tables(tables).to_pandas()
+    return _empty_text(table, pa.concat_tables(tables).to_pandas())
+
+
+def _empty_text(table: sa.Table, frame: pd.DataFrame) -> pd.DataFrame:
+    """The text path's missing values in ``NOT NULL`` text columns as the empty strings
+    they stand for (SQLite writes NULL and '' alike; a flag's ``key`` is often '')."""
+    for n in frame.columns:
+        c = table.c[n]
+        if not c.nullable and isinstance(c.type, sa.String) and frame[n].hasnans:
+            frame[n] = frame[n].fillna("")
+    return frame
 
 
 def _bulk_read_in(conn: Connection, table: sa.Table, names: list[str], types: dict[str, Any],
@@ -1066,7 +1078,7 @@ def _bulk_read_in(conn: Connection, table: sa.Table, names: list[str], types: di
         return row_by_row()
     if not tables:
         return pd.DataFrame(columns=names)
-    return pa.concat_tables(tables).to_pandas()
+    return _empty_text(table, pa.concat_tables(tables).to_pandas())
 
 
 def _parts(ids: Sequence[str], size: int = 900) -> Iterator[list[str]]:

@@ -455,3 +455,31 @@ def test_bulk_read_of_some_keys_equals_the_row_by_row_read(
     assert [None if pd.isna(v) else int(v) for v in bulk["n"]] == \
         [None if v is None or v != v else int(v) for v in raw["n"]]
     assert none.empty and list(none.columns) == ["key", "name"]
+
+
+@pytest.mark.parametrize("where_in", [False, True])
+def test_bulk_read_keeps_empty_strings_of_not_null_text(store: Store,
+                                                        where_in: bool) -> None:
+    """SQLite's text path writes NULL and '' alike: a NOT NULL text column (a flag's
+    ``key``, ``measure``) must read '' back, a nullable one missing as missing."""
+    meta = sa.MetaData()
+    t = sa.Table("empty_probe", meta, sa.Column("pk", sa.Integer, primary_key=True),
+                 sa.Column("ep", sa.String, nullable=False),
+                 sa.Column("code", sa.String, nullable=False),
+                 sa.Column("note", sa.String))
+    rows = [{"ep": f"E{i % 3}", "code": "" if i % 2 else f"c{i}",
+             "note": None if i % 4 == 0 else ("" if i % 4 == 1 else f"n{i}")}
+            for i in range(12)]
+    with store.transaction() as conn:
+        meta.create_all(conn)
+        conn.execute(t.insert(), rows)
+        got = bulk_read(conn, t, ["ep", "code", "note"],
+                        where_in=("ep", ["E0", "E1", "E2"]) if where_in else None)
+    got = got.sort_values(["ep", "code"]).reset_index(drop=True)
+    want = pd.DataFrame(rows).sort_values(["ep", "code"]).reset_index(drop=True)
+    assert got["code"].tolist() == want["code"].tolist()
+    assert "" in got["code"].tolist()
+    # A nullable column: NULL stays missing (and '' reads as missing on SQLite's path).
+    assert got["note"].isna().sum() >= int(want["note"].isna().sum())
+    assert [v for v in got["note"] if isinstance(v, str) and v] == \
+        [v for v in want["note"] if isinstance(v, str) and v]

@@ -926,7 +926,10 @@ def _sqlite_parts(conn: Connection, table: sa.Table, names: list[str], types: di
         fields = " || char(31) || ".join(["rowid",
                                           *(f"coalesce(\"{n}\", '')" for n in texts)])
     text_types = {"_rowid": pa.int64(), **{n: types[n] for n in texts}}
-    convert = pacsv.ConvertOptions(column_types=text_types, strings_can_be_null=True,
+    # Only an empty field is missing: pyarrow's default null markers ("NA", "null",
+    # "N/A" ...) are values here (an episode or goal id may be one).
+    convert = pacsv.ConvertOptions(column_types=text_types, null_values=[""],
+                                   strings_can_be_null=True,
                                    quoted_strings_can_be_null=False)
     parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False)
     float_list = ", ".join(f'"{n}"' for n in floats)
@@ -1004,8 +1007,11 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
         return _bulk_read_in(conn, table, names, types, *where_in)
     quoted = ", ".join(f'"{n}"' for n in names)
     dialect = conn.dialect.name
+    # Only an empty field is missing: pyarrow's default null markers ("NA", "null",
+    # "N/A" ...) are values here (an episode or goal id may be one).
     convert = pacsv.ConvertOptions(column_types=types, true_values=["t"], false_values=["f"],
-                                   strings_can_be_null=True, quoted_strings_can_be_null=False)
+                                   null_values=[""], strings_can_be_null=True,
+                                   quoted_strings_can_be_null=False)
     tables: list[Any] = []
     if dialect == "postgresql":
         buf = io.BytesIO()
@@ -1214,7 +1220,8 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
     if dialect not in ("postgresql", "sqlite"):  # any other database: SQLAlchemy's path
-        conn.execute(table.insert(), to_records(frame))
+        conn.execute(table.insert(), to_records(
+            frame if positions is None else frame.iloc[positions]))
         return
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)

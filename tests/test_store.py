@@ -275,6 +275,7 @@ def _bulk_and_raw(store: Store, ids: list[str | None], n_copies: int = 1
 
 @pytest.mark.parametrize("ids", [
     ["E1", None, "E,3", "E \"4\"", "Ünïcode"],
+    ["NA", "null", "N/A", "NaN", "#N/A", "-nan", None],  # pyarrow's null markers: values
     ["E1", "bad\x1fseparator", "E3"],  # a separator inside a value: row-by-row path
     ["E1", "two\nlines", "E3"],
 ])
@@ -467,7 +468,7 @@ def test_bulk_read_keeps_empty_strings_of_not_null_text(store: Store,
                  sa.Column("ep", sa.String, nullable=False),
                  sa.Column("code", sa.String, nullable=False),
                  sa.Column("note", sa.String))
-    rows = [{"ep": f"E{i % 3}", "code": "" if i % 2 else f"c{i}",
+    rows = [{"ep": f"E{i % 3}", "code": "" if i % 2 else ("NA", "null", "N/A")[i % 3],
              "note": None if i % 4 == 0 else ("" if i % 4 == 1 else f"n{i}")}
             for i in range(12)]
     with store.transaction() as conn:
@@ -478,8 +479,52 @@ def test_bulk_read_keeps_empty_strings_of_not_null_text(store: Store,
     got = got.sort_values(["ep", "code"]).reset_index(drop=True)
     want = pd.DataFrame(rows).sort_values(["ep", "code"]).reset_index(drop=True)
     assert got["code"].tolist() == want["code"].tolist()
-    assert "" in got["code"].tolist()
+    assert "" in got["code"].tolist() and "NA" in got["code"].tolist()
     # A nullable column: NULL stays missing (and '' reads as missing on SQLite's path).
     assert got["note"].isna().sum() >= int(want["note"].isna().sum())
     assert [v for v in got["note"] if isinstance(v, str) and v] == \
         [v for v in want["note"] if isinstance(v, str) and v]
+
+
+def test_flags_whose_identity_looks_like_a_null_marker_are_found_again(
+        store: Store) -> None:
+    """Flag identities are data (goal ids, episode ids): "NA" or "null" must match the
+    stored flag on the next refresh, not read as missing and raise the flag twice."""
+    from pipeline import flags as flag_rules
+
+    firing = pd.DataFrame({
+        "episode_id": ["NA", "E1", "E1"], "measure": ["PHQ-9", "", "PHQ-9"],
+        "kind": ["goal_overdue", "review_overdue", "goal_overdue"],
+        "key": ["null", "", "N/A"], "severity": ["review"] * 3, "rule": ["r"] * 3,
+        "message": ["NA", "m", "m"], "evidence": ["{}"] * 3,
+        "evidence_at": [datetime(2025, 3, 1)] * 3})
+    for when in (datetime(2025, 3, 2), datetime(2025, 3, 3)):
+        with store.transaction() as conn:
+            counts = flag_rules.refresh(conn, firing, when, episodes={"NA", "E1"})
+    assert counts["raised"] == 0 and counts["updated"] == 3, counts
+    flags = store.read_table("flags")
+    assert len(flags) == 3 and set(flags["key"]) == {"null", "", "N/A"}
+    assert set(pd.to_datetime(flags["last_seen"])) == {pd.Timestamp("2025-03-03")}
+
+
+def test_an_episode_called_na_is_computed_under_its_own_id(
+        indir: Path, entities: list[Path], store: Store, settings: Settings,
+        registry: Registry) -> None:
+    """Ids are data: episodes "NA" and "null" (valid ids; pyarrow's CSV reader would take
+    them for missing values) keep their ids through the columnar reads of compute."""
+    from pipeline.compute import compute
+
+    eps = indir / "more_episodes.csv"
+    eps.write_text("episode_id,client_id,therapist_id,team,start_date,end_date,end_reason\n"
+                   "NA,C1,T1,North,2025-01-01,,\nnull,C2,T2,South,2025-01-06,,\n",
+                   encoding="utf-8")
+    rows = [adm_row(ep, when=f"2025-02-{d:02d}T10:00:00", session=i + 1,
+                    items=(s,) * 8 + (0,))
+            for ep in ("NA", "null", "E1") for i, (d, s) in enumerate([(1, 3), (8, 2), (15, 1)])]
+    ingest([*entities, eps, write_csv(indir / "adm.csv", ADM_HEADER, rows)], store,
+           settings, registry)
+    compute(store, settings, registry, full=True, now=datetime(2025, 3, 1))
+    out = store.read_table("outcomes").set_index("episode_id")
+    assert sorted(out.index) == ["E1", "NA", "null"]
+    assert [int(out.loc[e, "n"]) for e in ("E1", "NA", "null")] == [3, 3, 3]
+    assert [int(out.loc[e, "last_score"]) for e in ("E1", "NA", "null")] == [8, 8, 8]

@@ -637,7 +637,7 @@ class Store:
         ``bulk``: the transaction inserts many rows into large indexes (an ingest). On
         SQLite it gets a larger page cache: with the 2 MB default the inserts into the
         unique index of 10M administrations re-read its pages from the OS, and 256 MB
-        took the 10M ingest from 472 s to 420 s (system time 80 -> 31 s). Not for every
+        took the 10M ingest from 472 s to 420 s (system time 80 -> 28 s). Not for every
         writer: the cache's fresh memory made a cycle's compute ~0.5 s slower.
         """
         with self.engine.connect() as conn:

@@ -511,9 +511,10 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
             values = [*CELL_KEY, *SERVICE_COUNTS]
             before = _scoped(conn, episode_service_table, ["episode_id", *values], scope)
             changed = changed_episodes(before, svc, values)
-            was, now_ = before["episode_id"].isin(changed), svc["episode_id"].isin(changed)
-            _replace(conn, episode_service_table, svc[now_.to_numpy()], changed, run_id)
-            update_service_cells(conn, before[was.to_numpy()], svc[now_.to_numpy()])
+            rows = svc[svc["episode_id"].isin(changed).to_numpy()]
+            _replace(conn, episode_service_table, rows, changed, run_id)
+            update_service_cells(
+                conn, before[before["episode_id"].isin(changed).to_numpy()], rows)
         timings["flags"] = time.perf_counter() - t4
         conn.execute(compute_runs.update().where(compute_runs.c.run_id == run_id).values(
             finished_at=utcnow(), status="done", episodes=n_episodes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import json
 import sys
@@ -634,6 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.jobs import configure_logging
 
+    if argv is None:
+        # A process of its own (the console script): the objects of the modules loaded
+        # by now live as long as it does, so the collector's full passes and its pass at
+        # exit need not walk them again (a cycle on a 10M store: ~0.2 s of ~6 s).
+        # Not when called in-process (tests): garbage not yet collected would be kept.
+        gc.freeze()
     configure_logging(args.log_format)
     try:
         settings = load_settings(args.config, database_url=args.database_url)

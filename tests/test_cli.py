@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,18 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_only_the_console_script_freezes_the_loaded_objects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    gc.unfreeze()
+    try:
+        assert main(["scales"]) == 0
+        assert gc.get_freeze_count() == 0  # in-process: pending garbage stays collectable
+        monkeypatch.setattr(sys, "argv", ["ontrack", "scales"])
+        assert main() == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

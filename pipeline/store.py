@@ -75,12 +75,19 @@ episodes = sa.Table(
     sa.Column("start_date", sa.Date, nullable=False),
     sa.Column("end_date", sa.Date),
     sa.Column("end_reason", sa.String(50)),
-    sa.Column("batch_id", sa.Integer),
+    # Indexed: each cycle looks for the episodes and plans of the batches since the
+    # last run (a scan of 560k episodes and their plans was ~0.06 s of a 10M cycle).
+    sa.Column("batch_id", sa.Integer, index=True),
     # The caseload lists open episodes only: a partial index holding what it sorts and
     # filters on first reads just those.
     sa.Index("ix_episodes_open", "episode_id", "start_date", "therapist_id", "team",
              sqlite_where=sa.text("end_date IS NULL"),
              postgresql_where=sa.text("end_date IS NULL")),
+    # The first cycle of a day looks for closed episodes whose end date is still ahead.
+    # Partial, so queries of open episodes (end_date IS NULL) keep the index above.
+    sa.Index("ix_episodes_ended", "end_date",
+             sqlite_where=sa.text("end_date IS NOT NULL"),
+             postgresql_where=sa.text("end_date IS NOT NULL")),
 )
 
 plans = sa.Table(
@@ -88,7 +95,7 @@ plans = sa.Table(
     sa.Column("episode_id", sa.String(200), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("batch_id", sa.Integer),
+    sa.Column("batch_id", sa.Integer, index=True),  # see episodes.batch_id
 )
 
 goals = sa.Table(

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 import pipeline.compute as compute_module
+import pipeline.store as store_module
 from pipeline.compute import compute
 from pipeline.config import Settings
 from pipeline.ingest.batch import ingest_paths
@@ -285,3 +286,44 @@ def test_review_overdue_evidence_is_the_same_from_any_run_and_store(
         evidence = json.loads(f["evidence"].item())
         assert evidence["last_review"] == "2026-11-20 10:30:00", (full, evidence)
         assert evidence["review_due"] == "2026-12-01 00:00:00", (full, evidence)
+
+
+def test_a_cycle_scans_no_table_that_grows_with_the_store(tmp_path: Path) -> None:
+    """Every query of a cycle (new records ingested a day later, then the incremental
+    run) finds its rows through an index: a whole-table scan of episodes, plans,
+    administrations or any derived per-episode table would grow with the store, not
+    with the new records. Checked with SQLite's query plan of each statement run."""
+    reg = load_registry()
+    with fresh_store("sqlite", tmp_path / "s") as store:
+        ingest_paths([SAMPLE], store, Settings(), reg, now=NOW)
+        compute(store, Settings(), reg, full=True, now=NOW)
+        new = tmp_path / "new"
+        new.mkdir()
+        next_week(SAMPLE / "administrations.csv", 40).to_csv(new / "administrations.csv",
+                                                              index=False)
+        later = NOW + timedelta(days=1)
+        statements: list[tuple[str, Any]] = []
+
+        @sa.event.listens_for(store.engine, "before_cursor_execute")
+        def trace(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                  executemany: bool) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and not executemany:
+                statements.append((statement, params))
+
+        ingest_paths([new], store, Settings(), reg, now=later)
+        rep = compute(store, Settings(), reg, now=later)
+        sa.event.remove(store.engine, "before_cursor_execute", trace)
+        assert rep.mode == "incremental" and rep.rule_scope
+        growing = {t.name for t in store_module.metadata.sorted_tables} - {
+            "schema_info", "batches", "compute_runs", "reference_norms", "expected_curves",
+            "service_cells", "users", "therapists"}
+        scans = set()
+        with store.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            for statement, params in statements:
+                for row in raw.execute("EXPLAIN QUERY PLAN " + statement, params or ()):
+                    detail = row[3]
+                    if detail.startswith("SCAN ") and detail.split()[1] in growing:
+                        scans.add(f"{detail}: {statement[:80]}")
+        assert len(statements) > 20
+        assert not scans, sorted(scans)

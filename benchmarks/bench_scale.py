@@ -104,7 +104,7 @@ def main() -> None:
           f"peak RSS {m['peak_mb']:,.0f} MB")
 
     new = next_week(inp / "administrations.csv", args.new)  # one cycle's new file
-    walls, peaks = [], []
+    walls, peaks, ingests, computes = [], [], [], []
     for i in range(args.repeat):
         work = base / f"cycle{i}"
         shutil.rmtree(work, ignore_errors=True)
@@ -115,14 +115,22 @@ def main() -> None:
         # which a store at rest never costs.
         os.sync()
         new.to_csv(work / "inbox" / "new.csv", index=False)
-        m, _ = ontrack(["run"], work / "store.db",
-                       env={"ONTRACK_DATA_DIR": str(work), "ONTRACK_INBOX": str(work / "inbox")})
+        m, out = ontrack(["run", "--json"], work / "store.db",
+                         env={"ONTRACK_DATA_DIR": str(work),
+                              "ONTRACK_INBOX": str(work / "inbox")})
         walls.append(m["wall"])
         peaks.append(m["peak_mb"])
+        timings = json.loads(out)["timings"]
+        ingests.append(timings["ingest"])
+        computes.append(timings["compute"]["total"])
         shutil.rmtree(work, ignore_errors=True)
     print(f"cycle with {len(new):,} new administrations: median {statistics.median(walls):.1f} s "
           f"(min {min(walls):.1f}, max {max(walls):.1f}, n={args.repeat}); "
           f"peak RSS {max(peaks):,.0f} MB")
+    rest = [w - a - b for w, a, b in zip(walls, ingests, computes, strict=True)]
+    print(f"  of which (medians): ingest {statistics.median(ingests):.2f} s, compute "
+          f"{statistics.median(computes):.2f} s, the rest (interpreter, imports, lock, "
+          f"exit) {statistics.median(rest):.2f} s")
 
     r = subprocess.run([sys.executable, str(HERE / "bench_dashboard.py"), "--store", str(db),
                         "--repeat", str(max(args.repeat, 5))], capture_output=True, text=True,

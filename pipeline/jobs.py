@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,9 @@ class CycleResult:
     flags_raised: int = 0
     compute_run_id: int | None = None
     error: str | None = None
+    #: seconds: ``ingest`` (every file), ``compute`` (its steps, as ``ontrack compute``
+    #: reports them; absent when nothing was ingested).
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +147,7 @@ def run_cycle(settings: Settings, registry: Registry, *, inbox: Path | None = No
             files = plan_files(inbox_files(inbox), settings, registry)
             iterator = progress(files) if progress else files
             ingested_any = False
+            t0 = time.perf_counter()
             for path in iterator:
                 if stop is not None and stop.is_set():
                     result.status = "stopped"
@@ -150,10 +155,12 @@ def run_cycle(settings: Settings, registry: Registry, *, inbox: Path | None = No
                 result.files.append(_one_file(store, settings, registry, path, inbox,
                                               result, now))
                 ingested_any |= result.files[-1]["outcome"] == "ingested"
+            result.timings["ingest"] = round(time.perf_counter() - t0, 3)
             if ingested_any and result.status != "stopped":
                 rep = compute(store, settings, registry, now=now)
                 result.compute_run_id = rep.run_id
                 result.flags_raised += rep.flags.get("raised", 0)
+                result.timings["compute"] = rep.as_dict()["timings"]
             if result.status == "running":
                 result.status = "done"
         except (StoreError, sa.exc.OperationalError) as exc:

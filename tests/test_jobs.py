@@ -67,6 +67,9 @@ def test_cycle_over_good_bad_and_repeated_files(cfg: Settings) -> None:
     assert res.records == 8792 + 1
     assert res.records == res.accepted + res.duplicates + res.quarantined
     assert res.status == "done" and res.compute_run_id is not None
+    # Where the cycle's time went: the files' ingest, and the compute's own steps.
+    assert res.timings["ingest"] > 0
+    assert set(res.timings["compute"]) >= {"read", "statistics", "write", "flags", "total"}
     assert sorted(p.name for p in (cfg.inbox / "processed").iterdir()) == sorted(
         ["administrations.csv", "clients.csv", "clients_again.csv",
          "clients_again.csv.reason.txt", "episodes.csv", "plans.csv", "therapists.csv"])
@@ -76,6 +79,7 @@ def test_cycle_over_good_bad_and_repeated_files(cfg: Settings) -> None:
     # A second cycle finds nothing to do.
     again = run_cycle(cfg, load_registry())
     assert again.files == [] and again.status == "done"
+    assert "compute" not in again.timings  # nothing ingested, nothing computed
     runs = Store(cfg.database_url).read_table("job_runs")
     assert runs["status"].tolist() == ["done", "done"]
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["is_in"]
+__all__ = ["as_mask", "is_in"]
 
 
 def _text(values: pd.Series | pd.Index | Iterable[str]) -> pa.Array:
@@ -29,4 +29,9 @@ def is_in(values: pd.Series | pd.Index | Iterable[str],
     # A value set with repeats (one id per administration) is deduplicated first: Arrow
     # hashes every element of the set, and unique() hashes them more cheaply.
     hit = pc.is_in(_text(values), value_set=pc.unique(_text(among)), skip_nulls=True)
-    return np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    return as_mask(hit)
+
+
+def as_mask(flags: pa.Array) -> npt.NDArray[np.bool_]:
+    """An Arrow boolean array as a numpy boolean array, a missing value as False."""
+    return np.asarray(flags.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from pipeline import store
-from pipeline.columns import is_in
+from pipeline.columns import as_mask, is_in
 from pipeline.errors import ValidationError
 from pipeline.ingest.formats import QuarantineRecord
 from pipeline.reasons import Reason
@@ -178,30 +178,26 @@ def _ints(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     # and are read by Arrow's integer cast as they are; only the other texts go through
     # the pattern (23 item columns of every chunk: ~1.2 of 2 s per 1M administrations).
     length = pc.binary_length(text)
-    plain = _flags(pc.and_(pc.ascii_is_decimal(text), pc.less_equal(length, 9)))
+    plain = as_mask(pc.and_(pc.ascii_is_decimal(text), pc.less_equal(length, 9)))
     good = plain.copy()
     ints = np.zeros(len(s), dtype=np.int64)
     if plain.any():
         ints[plain] = pc.cast(pc.filter(text, plain), pyarrow.int64()).to_numpy()
-    rest = np.flatnonzero(~plain & _flags(pc.greater(length, 0)))  # "" never matches
+    rest = np.flatnonzero(~plain & as_mask(pc.greater(length, 0)))  # "" never matches
     if rest.size:
         other = text.take(rest)
         # Arrow's RE2 on the stripped text: the same matches as re.match here (nothing
         # is left for the pattern's \s to see), without pandas' per-value Python fallback.
-        hit = _flags(pc.match_substring_regex(other, _INT_RE))
+        hit = as_mask(pc.match_substring_regex(other, _INT_RE))
         if hit.any():
+            at = rest[hit]
             # A matching text is [+-]0*digits(.0*): without its "+" and ".000" Arrow's
             # integer cast reads it exactly (at most 9 digits, so no overflow).
             digits = pc.replace_substring_regex(other.filter(hit), _INT_STRIP, "")
-            ints[rest[hit]] = pc.cast(digits, pyarrow.int64()).to_numpy()
-            good[rest[hit]] = True
+            ints[at] = pc.cast(digits, pyarrow.int64()).to_numpy()
+            good[at] = True
     parsed = pd.Series(pd.arrays.IntegerArray(ints, ~good), index=s.index)
     return parsed, present & ~pd.Series(good, index=s.index)
-
-
-def _flags(mask: Any) -> np.ndarray:
-    """An Arrow boolean array as a numpy bool array, missing as False."""
-    return np.asarray(mask.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 class _Lookup:

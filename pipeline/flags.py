@@ -21,14 +21,14 @@ Flags are prompts for a clinician, never a diagnosis.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from functools import cached_property
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import sqlalchemy as sa
 from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
@@ -39,8 +39,8 @@ from pipeline.scales import Registry
 from pipeline.store import bulk_insert, bulk_read, iter_frames, to_records
 from pipeline.store import flags as flags_table
 
-__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "evaluate", "missing_threshold",
-           "refresh", "review_due", "risk_flags", "stable_until"]
+__all__ = ["FLAG_COLUMNS", "KINDS", "RuleInput", "encode_evidence", "evaluate",
+           "missing_threshold", "refresh", "review_due", "risk_flags", "stable_until"]
 
 #: kind -> default severity (SPEC §8).
 KINDS: dict[str, str] = {
@@ -143,9 +143,33 @@ def _frame(columns: dict[str, Any], evidence: list[dict[str, Any]], kind: str
     n = len(evidence)
     df = pd.DataFrame({k: v if isinstance(v, list) else [v] * n for k, v in columns.items()})
     df["kind"] = kind
-    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # as json.dumps(...)
-    df["evidence"] = [encode(e) for e in evidence]
+    df["evidence"] = [encode_evidence(e) for e in evidence]
     return df[FLAG_COLUMNS]
+
+
+def _evidence_value(x: Any) -> Any:
+    # orjson's fallback for what it does not write itself: a missing date is null (not
+    # "NaT"); a date or time reads as str() gives it ("2026-01-05 10:00:00").
+    if isinstance(x, np.datetime64):
+        x = pd.Timestamp(x)
+    if x is pd.NaT or x is pd.NA:
+        return None
+    if isinstance(x, (datetime, date)):
+        return str(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
+
+
+_EVIDENCE_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def encode_evidence(evidence: dict[str, Any]) -> str:
+    """A flag's evidence as JSON text: keys sorted, a missing value (None, NaN, NaT) as
+    ``null``, dates as ``YYYY-MM-DD[ HH:MM:SS]``. By orjson: json's encoder took 5.7 s of
+    a 10M full compute for 919k flags. Unlike ``json.dumps`` it never writes ``NaN``,
+    which is not JSON (a browser's ``JSON.parse`` rejects it)."""
+    return orjson.dumps(evidence, default=_evidence_value, option=_EVIDENCE_JSON).decode()
 
 
 def _open_ids(inp: RuleInput) -> set[str]:
@@ -464,6 +488,8 @@ _IDENTITY = ["episode_id", "measure", "kind", "key"]
 
 
 _TEXT = ("severity", "message", "evidence")
+#: Flags whose text changed are updated this many at a time.
+_UPDATE_CHUNK = 50_000
 
 
 def _text(values: pd.Series) -> pd.Series:
@@ -607,26 +633,24 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
             conn.execute(flags_table.update().where(flags_table.c.flag_id.in_(
                 quiet[i:i + 900])).values(last_seen=now))
         old, reopen = old[~same | reopen], reopen[~same | reopen]
-        recs = to_records(m.loc[old.index, ["flag_id", "severity", "rule", "message",
-                                            "evidence", "evidence_at"]])
         stmt = flags_table.update().where(flags_table.c.flag_id == sa.bindparam("fid"))
-        keep: list[dict[str, Any]] = []
-        reopened: list[dict[str, Any]] = []
-        for rec, reo in zip(recs, reopen.to_numpy(), strict=True):
-            params = {"fid": int(rec.pop("flag_id")), **rec, "last_seen": now}
-            (reopened if reo else keep).append(params)
-        if keep:
-            conn.execute(stmt.values(
-                severity=sa.bindparam("severity"), rule=sa.bindparam("rule"),
-                message=sa.bindparam("message"), evidence=sa.bindparam("evidence"),
-                evidence_at=sa.bindparam("evidence_at"),
-                last_seen=sa.bindparam("last_seen")), keep)
-        if reopened:
-            conn.execute(stmt.values(
-                severity=sa.bindparam("severity"), rule=sa.bindparam("rule"),
-                message=sa.bindparam("message"), evidence=sa.bindparam("evidence"),
-                evidence_at=sa.bindparam("evidence_at"), last_seen=sa.bindparam("last_seen"),
-                state="open", resolved_at=None), reopened)
+        changed: dict[str, Any] = {c: sa.bindparam(c) for c in (
+            "severity", "rule", "message", "evidence", "evidence_at", "last_seen")}
+        # In chunks: when every flag's text changes (a new rule text, or evidence in a
+        # new format), 919k flags' parameter dicts at once took the run to 5.3 GB.
+        for i in range(0, len(old), _UPDATE_CHUNK):
+            recs = to_records(m.loc[old.index[i:i + _UPDATE_CHUNK],
+                                    ["flag_id", "severity", "rule", "message", "evidence",
+                                     "evidence_at"]])
+            keep: list[dict[str, Any]] = []
+            reopened: list[dict[str, Any]] = []
+            for rec, reo in zip(recs, reopen.to_numpy()[i:i + _UPDATE_CHUNK], strict=True):
+                params = {"fid": int(rec.pop("flag_id")), **rec, "last_seen": now}
+                (reopened if reo else keep).append(params)
+            if keep:
+                conn.execute(stmt.values(**changed), keep)
+            if reopened:
+                conn.execute(stmt.values(**changed, state="open", resolved_at=None), reopened)
         counts["reopened"] = int(reopen.sum())
         counts["updated"] = len(old) - counts["reopened"] + len(quiet)
     if resolve_missing and not stored.empty:

@@ -15,7 +15,7 @@ import pytest
 from pipeline import goals as goals_module
 from pipeline.compute import compute
 from pipeline.config import Settings
-from pipeline.flags import risk_flags
+from pipeline.flags import encode_evidence, risk_flags
 from pipeline.goals import goal_status
 from pipeline.ingest.batch import ingest_paths
 from pipeline.reviews import record_review
@@ -231,6 +231,39 @@ def test_review_acknowledges_and_new_worsening_reopens(tmp_path: Path, store: St
     compute(store, settings, reg, now=t_review + timedelta(hours=3))
     det = flags_of(store).query("kind == 'reliable_deterioration'")
     assert det["state"].tolist() == ["resolved"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_changed_and_reopened_flags_are_updated_alike_in_chunks(
+        chunk: int, tmp_path: Path, reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags whose text changed are updated a chunk at a time: stored flags (states,
+    texts, times) must be what one update of them all gives, for the flags that reopen
+    (acknowledged, newer evidence) and those that stay open alike."""
+    import pipeline.flags as flags_module
+
+    def scenario(name: str) -> pd.DataFrame:
+        s = Store(f"sqlite:///{tmp_path}/{name}.db")
+        s.init()
+        ids = [f"D{i}" for i in range(5)]
+        adm = [r for e in ids for r in series(e, "PHQ-9", [0, 7], [10, 17])]
+        run(tmp_path, s, reg, [episode(e, ended=False) for e in ids], adm, name=name)
+        t_review = datetime.combine(DAY0, datetime.min.time()) + timedelta(days=10)
+        for e in ids[:3]:
+            record_review(s, e, reviewer="ann", decision="step_up", note="", now=t_review)
+        newer = write_csv(tmp_path / name / "newer.csv", ADMIN_HEADER,
+                          [r for e in ids for r in series(e, "PHQ-9", [14], [19],
+                                                          first_session=3)])
+        ingest_paths([newer], s, Settings(), reg, now=NOW)
+        compute(s, Settings(), reg, now=t_review + timedelta(hours=2))
+        return flags_of(s).sort_values("flag_id").reset_index(drop=True)
+
+    whole = scenario("whole")
+    monkeypatch.setattr(flags_module, "_UPDATE_CHUNK", chunk)
+    chunked = scenario("chunked")
+    pd.testing.assert_frame_equal(chunked, whole)
+    det = whole[whole["kind"] == "reliable_deterioration"]
+    assert det["state"].tolist() == ["open"] * 5  # three reopened, two still open
+    assert all(json.loads(e)["last_score"] == 19 for e in det["evidence"])
 
 
 def test_review_revises_goals_as_a_new_plan_version(tmp_path: Path, store: Store,
@@ -552,6 +585,54 @@ def test_risk_flag_without_session_number_has_null_evidence() -> None:
                                          "session_number": None}
     assert f["message"] == ("PHQ-9 item 9 answered 2 on 2026-01-05: check risk and the "
                             "safety plan")
+
+
+def _strict(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_evidence_is_strict_json_with_missing_values_as_null() -> None:
+    """Evidence is JSON a browser can parse: keys sorted, a missing number (NaN, or
+    infinity), date (NaT) or value (pd.NA) is null, never ``NaN`` or the text "NaT";
+    numpy integers stay numbers; dates read as before ("YYYY-MM-DD HH:MM:SS")."""
+    text = encode_evidence({
+        "slope_week": np.float64("nan"), "rci": 2.5, "n": np.int64(6), "ok": np.bool_(True),
+        "projected_at": pd.NaT, "due_at": pd.Timestamp("2026-12-05"),
+        "last_at": np.datetime64("2026-01-05T10:00:00"), "start_date": pd.Timestamp(
+            "2026-01-05").date(), "session_number": pd.NA, "ratio": float("inf"),
+        "risk_items": [np.int64(9)], "goal_id": "NaT"})
+    assert text == ('{"due_at":"2026-12-05 00:00:00","goal_id":"NaT",'
+                    '"last_at":"2026-01-05 10:00:00","n":6,"ok":true,"projected_at":null,'
+                    '"ratio":null,"rci":2.5,"risk_items":[9],"session_number":null,'
+                    '"slope_week":null,"start_date":"2026-01-05"}')
+    assert _strict(text)["projected_at"] is None
+
+
+def test_goal_flag_without_a_projection_has_null_dates(store: Store, reg: Registry,
+                                                     tmp_path: Path) -> None:
+    """A goal at risk with no projected date (too few scores to project): the stored
+    evidence says null for the projection, and every stored evidence is strict JSON."""
+    eps = [episode("WORSE", ended=False), episode("LATE", ended=False)]
+    adm = series("WORSE", "PHQ-9", [0, 7, 14, 21], [16, 17, 17, 18]) + \
+        series("LATE", "PHQ-9", [0, 7, 14, 21], [18, 17, 17, 16])
+    paths = entity_files(tmp_path / "g", eps)
+    paths.append(write_csv(tmp_path / "g" / "adm.csv", ADMIN_HEADER, adm))
+    paths.append(write_csv(tmp_path / "g" / "plans.csv",
+                           ["episode_id", "goal_id", "measure", "kind", "target", "due"],
+                           [{"episode_id": e, "goal_id": "G1", "measure": "PHQ-9",
+                             "kind": "below", "target": 10, "due": "2026-03-01"}
+                            for e in ("WORSE", "LATE")]))
+    ingest_paths(paths, store, Settings(), reg, now=NOW)
+    compute(store, Settings(), reg, now=NOW)
+    f = flags_of(store)
+    evidence = {(r.episode_id, r.kind): _strict(r.evidence) for r in f.itertuples()}
+    worse = evidence[("WORSE", "goal_overdue")]  # getting worse: nothing to project
+    assert worse["projected_at"] is None and worse["projected_latest"] is None, worse
+    assert worse["last_score"] == 18 and worse["due_at"] == "2026-03-01 00:00:00", worse
+    late = evidence[("LATE", "goal_overdue")]  # improving: a projected date
+    assert isinstance(late["projected_at"], str), late
 
 
 def test_stable_until_is_the_first_date_rule_flip_at_or_after_the_clock() -> None:

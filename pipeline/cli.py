@@ -241,6 +241,7 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
+    from pipeline.compute import last_clock
     from pipeline.store import episodes, flags
 
     store = _store(settings)
@@ -256,12 +257,21 @@ def cmd_flags(args: argparse.Namespace, settings: Settings) -> int:
     q = q.order_by(order, flags.c.episode_id, flags.c.kind, flags.c.key)
     with store.engine.connect() as conn:
         rows = conn.execute(q).mappings().all()
+        as_of = last_clock(conn)
+
+    def last_seen(r: Any) -> str:
+        # A live flag holds as of the latest run; its stored last_seen is its last write.
+        seen = r["last_seen"]
+        if r["state"] != "resolved" and as_of is not None and as_of > seen:
+            seen = as_of
+        return str(seen.isoformat())
+
     items = [{
         "flag_id": r["flag_id"], "kind": r["kind"], "severity": r["severity"],
         "episode_id": r["episode_id"], "therapist_id": r["therapist_id"],
         "measure": r["measure"] or None, "state": r["state"], "rule": r["rule"],
         "message": r["message"], "evidence": json.loads(r["evidence"]),
-        "first_raised": r["first_raised"].isoformat(), "last_seen": r["last_seen"].isoformat(),
+        "first_raised": r["first_raised"].isoformat(), "last_seen": last_seen(r),
     } for r in rows]
     if args.json:
         print(json.dumps(items, indent=2))

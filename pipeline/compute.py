@@ -62,7 +62,7 @@ from pipeline.store import caseload as caseload_table
 from pipeline.store import episode_service as episode_service_table
 from pipeline.store import goal_status as goal_status_table
 
-__all__ = ["ComputeReport", "build_reference", "compute"]
+__all__ = ["ComputeReport", "build_reference", "compute", "last_clock"]
 
 _ADMIN_COLS = ["episode_id", "measure", "administered_at", "session_number", "score",
                "risk", "risk_value"]
@@ -282,6 +282,13 @@ def _previous_state(conn: sa.Connection) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def last_clock(conn: sa.Connection) -> datetime | None:
+    """The clock of the latest completed compute run: every live flag holds as of it
+    (see :mod:`pipeline.flags`). None before the first run that recorded it."""
+    previous = _previous_state(conn)
+    return None if previous is None else datetime.fromisoformat(previous["clock"])
+
+
 def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
               state: dict[str, Any], now: datetime, watermark: int) -> set[str]:
     """Open episodes whose flags or goal status may differ from the last run's, though
@@ -481,8 +488,9 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # the flag step: 10M administrations were ~0.7 GB of it).
         del grouped, admins
         inp = inp.slim()
-        flag_counts = flag_rules.refresh(conn, flag_rules.evaluate(inp), now,
-                                         episodes=None if scope is None else set(scope))
+        flag_counts = flag_rules.refresh(
+            conn, flag_rules.evaluate(inp), now, episodes=None if scope is None else set(scope),
+            last_run=None if previous is None else datetime.fromisoformat(previous["clock"]))
         # The flags' text (messages, evidence: ~1 GB at 900k flags) is garbage now; give
         # the heap's free pages back before the per-episode tables are written.
         trim_heap()

@@ -266,6 +266,51 @@ def test_changed_and_reopened_flags_are_updated_alike_in_chunks(
     assert all(json.loads(e)["last_score"] == 19 for e in det["evidence"])
 
 
+def test_last_seen_is_written_only_with_the_flag_and_reported_as_of_the_latest_run(
+        tmp_path: Path, store: Store, reg: Registry,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag that fires unchanged is not rewritten (its stored last_seen stays at its
+    last write), one whose evidence changed is (last_seen = that run's clock), one that
+    stops firing is resolved with last_seen = the run before (it fired then). The
+    command line reports a live flag as seen at the latest run."""
+    from pipeline.cli import main
+
+    t1, t2, t3 = NOW, NOW + timedelta(days=1), NOW + timedelta(days=2)
+    run(tmp_path, store, reg, [episode("D", ended=False), episode("E", ended=False)],
+        series("D", "PHQ-9", [0, 7], [10, 17]) + series("E", "PHQ-9", [0, 7], [10, 17]),
+        now=t1)
+    compute(store, Settings(), reg, now=t2, full=True)  # nothing new: nothing changes
+
+    def deterioration() -> pd.DataFrame:
+        f = flags_of(store)
+        return f[f["kind"] == "reliable_deterioration"].set_index("episode_id")
+
+    f = deterioration()
+    assert (pd.to_datetime(f["last_seen"]) == t1).all() and (f["state"] == "open").all()
+    later = write_csv(tmp_path / "a" / "later.csv", ADMIN_HEADER,
+                      series("D", "PHQ-9", [14], [11], first_session=3)  # recovered
+                      + series("E", "PHQ-9", [14], [19], first_session=3))  # worse
+    ingest_paths([later], store, Settings(), reg, now=t3)
+    compute(store, Settings(), reg, now=t3)
+    f = deterioration()
+    assert f.loc["D", "state"] == "resolved"
+    assert pd.Timestamp(f.loc["D", "last_seen"]) == t2  # the run before: it fired then
+    assert pd.Timestamp(f.loc["D", "resolved_at"]) == t3
+    assert f.loc["E", "state"] == "open" and pd.Timestamp(f.loc["E", "last_seen"]) == t3
+    assert json.loads(f.loc["E", "evidence"])["last_score"] == 19
+
+    compute(store, Settings(), reg, now=t3 + timedelta(hours=5), full=True)
+    capsys.readouterr()
+    assert main(["--database-url", store.engine.url.render_as_string(hide_password=False),
+                 "flags", "--all", "--json"]) == 0
+    listed = {(x["episode_id"], x["kind"]): x
+              for x in json.loads(capsys.readouterr().out)}
+    assert listed[("E", "reliable_deterioration")]["last_seen"] == \
+        (t3 + timedelta(hours=5)).isoformat()  # live: as of the latest run
+    assert listed[("D", "reliable_deterioration")]["last_seen"] == t2.isoformat()
+    assert pd.Timestamp(deterioration().loc["E", "last_seen"]) == t3  # not rewritten
+
+
 def test_review_revises_goals_as_a_new_plan_version(tmp_path: Path, store: Store,
                                                    reg: Registry) -> None:
     run(tmp_path, store, reg, [episode("P", ended=False)], series("P", "PHQ-9", [0], [15]))
@@ -711,28 +756,35 @@ def test_rule_columns_read_as_to_dict_reads_them() -> None:
 def test_refresh_compares_stored_text_part_by_part() -> None:
     """refresh compares each part of the stored flags with what fires as it reads them
     and keeps a boolean instead of the text; that must say "unchanged" exactly where the
-    text comparison after the merge does (severity, message and evidence all equal)."""
+    text comparison after the merge does (severity, rule, message and evidence all
+    equal: a rule whose text changed, e.g. a new threshold, is shown as it is now)."""
     from pipeline.flags import _TEXT, _Unchanged
 
     ident = ["episode_id", "measure", "kind", "key"]
     firing = pd.DataFrame({
-        "episode_id": ["E1", "E1", "E2", "E3", "E4"], "measure": ["PHQ-9", "", "GAD-7", "", ""],
-        "kind": ["stalled", "review_overdue", "stalled", "goal_at_risk", "goal_at_risk"],
-        "key": ["", "", "", "G1", "G2"], "severity": ["review"] * 5,
-        "message": ["m1", "m2", "m3 new", "m4", None], "evidence": ['{"a": 1}'] * 5})
+        "episode_id": ["E1", "E1", "E2", "E3", "E4", "E5"],
+        "measure": ["PHQ-9", "", "GAD-7", "", "", "PHQ-9"],
+        "kind": ["stalled", "review_overdue", "stalled", "goal_at_risk", "goal_at_risk",
+                 "stalled"], "key": ["", "", "", "G1", "G2", ""], "severity": ["review"] * 6,
+        "rule": ["r"] * 5 + ["slope > 0.3/week"],
+        "message": ["m1", "m2", "m3 new", "m4", None, "m5"], "evidence": ['{"a": 1}'] * 6})
     firing = firing.astype({c: "str" for c in firing.columns})
     stored = pd.DataFrame({
-        "flag_id": [10, 11, 12, 13, 14, 15], "episode_id": ["E1", "E1", "E2", "E3", "E4", "E9"],
-        "measure": ["PHQ-9", "", "GAD-7", "", "", ""],
+        "flag_id": [10, 11, 12, 13, 14, 15, 16],
+        "episode_id": ["E1", "E1", "E2", "E3", "E4", "E9", "E5"],
+        "measure": ["PHQ-9", "", "GAD-7", "", "", "", "PHQ-9"],
         "kind": ["stalled", "review_overdue", "stalled", "goal_at_risk", "goal_at_risk",
-                 "stalled"], "key": ["", "", "", "G1", "G2", ""],
-        "state": ["open"] * 6, "acknowledged_at": [None] * 6,
-        "severity": ["review", "urgent", "review", "review", "review", "review"],
-        "message": ["m1", "m2", "m3", "m4", "m5", "m9"],
-        "evidence": ['{"a": 1}', '{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 1}', "{}"]})
+                 "stalled", "stalled"], "key": ["", "", "", "G1", "G2", "", ""],
+        "state": ["open"] * 7, "acknowledged_at": [None] * 7,
+        "severity": ["review", "urgent", "review", "review", "review", "review", "review"],
+        "rule": ["r"] * 6 + ["slope > 0.5/week"],
+        "message": ["m1", "m2", "m3", "m4", "m5", "m9", "m5"],
+        "evidence": ['{"a": 1}', '{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 1}', "{}",
+                     '{"a": 1}']})
     # E1/PHQ-9 same; E1 severity changed; E2 message changed; E3 evidence changed;
-    # E4 firing message missing (never equal); E9 not firing.
-    want = [True, False, False, False, False]
+    # E4 firing message missing (never equal); E9 not firing; E5 rule changed.
+    want = [True, False, False, False, False, False]
+    assert set(_TEXT) == {"severity", "rule", "message", "evidence"}
 
     slim = _Unchanged(firing)
     assert slim.slim
@@ -741,8 +793,8 @@ def test_refresh_compares_stored_text_part_by_part() -> None:
     m = firing.merge(parts[[*ident, "flag_id", *slim.columns]], on=ident, how="left")
     assert slim.unchanged(m[m["flag_id"].notna()]).tolist() == want
     # Placed by the positions found while reading: what the merge gives, row for row.
-    joined = slim.joined(firing.set_axis([7, 7, 3, 1, 0]), parts)  # any index
-    assert joined.index.tolist() == list(range(5))
+    joined = slim.joined(firing.set_axis([7, 7, 3, 1, 0, 2]), parts)  # any index
+    assert joined.index.tolist() == list(range(6))
     merged = firing.merge(parts[[*ident, "flag_id", "state", "acknowledged_at", "_same"]],
                           on=ident, how="left")
     for c in ("flag_id", "state", "acknowledged_at", "_same", *firing.columns):

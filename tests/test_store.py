@@ -504,7 +504,8 @@ def test_flags_whose_identity_looks_like_a_null_marker_are_found_again(
     assert counts["raised"] == 0 and counts["updated"] == 3, counts
     flags = store.read_table("flags")
     assert len(flags) == 3 and set(flags["key"]) == {"null", "", "N/A"}
-    assert set(pd.to_datetime(flags["last_seen"])) == {pd.Timestamp("2025-03-03")}
+    # Fired unchanged: not rewritten, so last_seen is still the first refresh's.
+    assert set(pd.to_datetime(flags["last_seen"])) == {pd.Timestamp("2025-03-02")}
 
 
 def test_an_episode_called_na_is_computed_under_its_own_id(

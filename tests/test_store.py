@@ -529,3 +529,44 @@ def test_an_episode_called_na_is_computed_under_its_own_id(
     assert sorted(out.index) == ["E1", "NA", "null"]
     assert [int(out.loc[e, "n"]) for e in ("E1", "NA", "null")] == [3, 3, 3]
     assert [int(out.loc[e, "last_score"]) for e in ("E1", "NA", "null")] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("nan_is_null", [True, False])
+def test_bulk_insert_stores_missing_values_as_null(store: Store, nan_is_null: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing value of any column type is stored as NULL, by NaN on SQLite (its
+    fast path) or by None (other stores, or a SQLite that keeps NaN): the same rows
+    either way, and a NOT NULL column refuses it."""
+    import pipeline.store as store_module
+
+    if store.dialect == "sqlite":  # this SQLite takes the fast path
+        with store.engine.connect() as conn:
+            assert store_module._nan_is_null(conn.connection.driver_connection)
+    if not nan_is_null:
+        monkeypatch.setattr(store_module, "_nan_is_null", lambda dbapi: False)
+    table = sa.Table(
+        "scratch_nulls", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("n", sa.Integer), sa.Column("x", sa.Float), sa.Column("t", sa.String(10)),
+        sa.Column("at", sa.DateTime), sa.Column("ok", sa.Boolean),
+        sa.Column("need", sa.Integer, nullable=False))
+    frame = pd.DataFrame({
+        "id": [1, 2], "n": pd.array([7, pd.NA], dtype="Int64"), "x": [np.nan, 2.5],
+        "t": pd.array([None, "a"], dtype="str"),
+        "at": pd.to_datetime([None, "2026-01-05 10:00"]).astype("datetime64[us]"),
+        "ok": pd.array([pd.NA, True], dtype="boolean"), "need": [3, 4]})
+    with store.transaction() as conn:
+        table.create(conn)
+        store_module.bulk_insert(conn, table, frame)
+        nulls = conn.execute(sa.text(
+            "SELECT id, n IS NULL, x IS NULL, t IS NULL, at IS NULL, ok IS NULL "
+            "FROM scratch_nulls ORDER BY id")).all()
+        values = conn.execute(sa.select(table).order_by(table.c.id)).all()
+    assert [tuple(bool(v) for v in r[1:]) for r in nulls] == \
+        [(False, True, True, True, True), (True, False, False, False, False)]
+    assert values[0][1] == 7 and values[1][2] == 2.5 and values[1][3] == "a"
+    assert values[1][4] == datetime(2026, 1, 5, 10) and values[1][5] is True
+    # The driver's own error: bulk_insert works on the driver's cursor.
+    refused = store.engine.dialect.loaded_dbapi.IntegrityError
+    with pytest.raises(refused, match="(?i)not.null"), store.transaction() as conn:
+        store_module.bulk_insert(conn, table, frame.assign(
+            id=[3, 4], need=pd.array([pd.NA, 5], dtype="Int64")))

@@ -214,8 +214,10 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     per_session_days = np.where(n > 1, weeks * 7 / np.maximum(n - 1, 1), 7.0)
     due_session = pd.to_numeric(g["due_session"], errors="coerce").to_numpy(dtype=float)
     last_at = pd.to_datetime(g["last_at"])
-    est_due = last_at + pd.to_timedelta(np.nan_to_num((due_session - n) * per_session_days),
-                                        unit="D")
+    # To the second: an estimate from the cadence, whose float days otherwise read as
+    # "07:59:59.999999997" in the clinician's evidence.
+    est_due = (last_at + pd.to_timedelta(np.nan_to_num((due_session - n) * per_session_days),
+                                         unit="D")).dt.round("s")
     due_date = pd.to_datetime(g["due_date"])
     g["due_at"] = due_date.where(due_date.notna(), est_due.where(~np.isnan(due_session)))
     # A closed episode's goals are judged as of its end: the clock stops with the episode.

@@ -360,6 +360,21 @@ NO_ADMINS = pd.DataFrame({"episode_id": ["E"], "measure": ["PHQ-9"],
                           "administered_at": [pd.Timestamp("2026-03-02")], "score": [16]})
 
 
+@pytest.mark.parametrize(("weeks", "n", "due"), [
+    (13 / 7, 4, "2026-03-19 08:00:00"),  # 13 days / 3 gaps x 4 sessions = 17 d 8 h
+    (34 / 7, 6, "2026-03-15 14:24:00"),  # 34 / 5 x 2 = 13.6 d
+    (8.0, 5, "2026-04-13 00:00:00")])  # 56 / 4 x 3 = 42 d
+def test_a_session_due_date_is_estimated_to_the_second(weeks: float, n: int,
+                                                       due: str) -> None:
+    """A goal due at session 8 of an episode with n sessions over ``weeks``: due at the
+    last score (2026-03-02) + (8 - n) x the mean days between sessions (hand-computed),
+    to the second (float days gave 07:59:59.999999997 for the first case)."""
+    out = _outcome(16, -1.0, -1.5, -0.5, n=n).assign(weeks=[weeks])
+    g = goal_status(_goal(due=None, due_session=8), NO_ADMINS, out, load_registry(),
+                    Settings(), datetime(2026, 3, 3)).iloc[0]
+    assert g["due_at"] == pd.Timestamp(due)
+
+
 def test_goal_projection_from_hand_computed_slope() -> None:
     # Last score 16 on 2026-03-02, slope -1/week (CI -1.5 to -0.5), target below 10:
     # 6 points to go -> 6 weeks (2026-04-13); fastest 4 weeks (2026-03-30); slowest

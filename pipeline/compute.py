@@ -282,15 +282,16 @@ def _previous_state(conn: sa.Connection) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _clock(state: dict[str, Any] | None) -> datetime | None:
-    """The rules' clock a run recorded in its scope state (None: no state)."""
-    return None if state is None else datetime.fromisoformat(state["clock"])
+def _clock(state: dict[str, Any]) -> datetime:
+    """The rules' clock a run recorded in its scope state."""
+    return datetime.fromisoformat(state["clock"])
 
 
 def last_clock(conn: sa.Connection) -> datetime | None:
     """The clock of the latest completed compute run: every live flag holds as of it
     (see :mod:`pipeline.flags`). None before the first run that recorded it."""
-    return _clock(_previous_state(conn))
+    previous = _previous_state(conn)
+    return None if previous is None else _clock(previous)
 
 
 def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
@@ -317,7 +318,7 @@ def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
     every_open = sa.select(episodes.c.episode_id).where(is_open)
     if previous is None:  # a run older than the recorded state
         return {r[0] for r in conn.execute(every_open)}
-    then = datetime.fromisoformat(previous["clock"])
+    then = _clock(previous)
     # New reviews and plans of any episode: a "revise" review of a closed episode
     # brings a plan version whose goals need a status too.
     changed = {r[0] for r in conn.execute(sa.select(reviews.c.episode_id).where(
@@ -494,7 +495,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         inp = inp.slim()
         flag_counts = flag_rules.refresh(
             conn, flag_rules.evaluate(inp), now, episodes=None if scope is None else set(scope),
-            last_run=_clock(previous))
+            last_run=None if previous is None else _clock(previous))
         # The flags' text (messages, evidence: ~1 GB at 900k flags) is garbage now; give
         # the heap's free pages back before the per-episode tables are written.
         trim_heap()

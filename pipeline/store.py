@@ -1112,8 +1112,8 @@ def _column_values(col: pd.Series, kind: sa.types.TypeEngine[Any], dialect: str,
     """One column as plain Python values the driver takes directly (NA -> ``missing_as``,
     None unless the caller knows the driver stores another value as NULL)."""
     missing = col.isna().to_numpy()
-    # Each branch gives an object array of Python values; missing ones are set to None
-    # in one masked assignment (a Python loop over them cost seconds at 10M rows).
+    # Each branch gives an object array of Python values; missing ones are set to
+    # ``missing_as`` in one masked assignment (a Python loop over them cost seconds at 10M rows).
     if isinstance(kind, sa.DateTime):
         values = pd.to_datetime(col).dt.strftime(_SQL_DATETIME).to_numpy(dtype=object,
                                                                           copy=True)

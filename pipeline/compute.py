@@ -142,14 +142,14 @@ def _stored_reference(conn: sa.Connection) -> Reference:
 
 
 def _insert(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame, run_id: int,
-            keep: bool = False) -> pd.DataFrame:
+            keep: bool = False, upsert: bool = False) -> pd.DataFrame:
     """Insert a result frame (stamped with the run) by the store's bulk path; with
     ``keep``, return what reading it back would give (:func:`stored_frame`), else an
-    empty frame."""
+    empty frame. ``upsert``: see :func:`bulk_insert`."""
     cols = [c.name for c in table.c]
     f = frame.assign(run_id=run_id)
     f = f[[c for c in cols if c in f.columns]]
-    bulk_insert(conn, table, f)
+    bulk_insert(conn, table, f, upsert=upsert)
     return stored_frame(table, f, conn.dialect.name) if keep else pd.DataFrame()
 
 
@@ -342,15 +342,28 @@ def _moved_on(conn: sa.Connection, previous: dict[str, Any] | None,
 
 
 def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
-             scope: list[str] | None, run_id: int) -> None:
-    """Replace a per-episode table's rows for the scope (all rows when None)."""
+             scope: list[str] | None, run_id: int, keep: bool = False) -> pd.DataFrame:
+    """Replace a per-episode table's rows for the scope (all rows when None); return
+    what :func:`_insert` returns.
+
+    On SQLite a scope's rows are updated in place where their key is already stored,
+    then the scope's rows this run did not write are deleted. Deleting them all and
+    inserting afresh wrote every key into the primary-key index twice and every row to
+    a new page: 13.7k of the 49.7k pages a 10M cycle's compute (9,945 episodes) wrote
+    to the WAL, each written again at the checkpoint.
+    """
+    if scope is not None and conn.dialect.name == "sqlite":
+        stored = _insert(conn, table, frame, run_id, keep=keep, upsert=True)
+        for i in range(0, len(scope), 900):
+            conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900]),
+                                              table.c.run_id != run_id))
+        return stored
     if scope is None:
         conn.execute(table.delete())
     else:
         for i in range(0, len(scope), 900):
             conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900])))
-    if not frame.empty:
-        _insert(conn, table, frame, run_id)
+    return _insert(conn, table, frame, run_id, keep=keep)
 
 
 def changed_episodes(before: pd.DataFrame, after: pd.DataFrame, values: list[str]
@@ -447,18 +460,9 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         timings["statistics"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        if ids is None:
-            conn.execute(outcomes.delete())
-            conn.execute(sudden_changes.delete())
-        else:
-            for i in range(0, len(ids), 900):
-                part = ids[i:i + 900]
-                conn.execute(outcomes.delete().where(outcomes.c.episode_id.in_(part)))
-                conn.execute(sudden_changes.delete().where(
-                    sudden_changes.c.episode_id.in_(part)))
         # What was written goes to the flag rules rather than being read back.
-        out_stored = _insert(conn, outcomes, out, run_id, keep=True)
-        sudden_stored = _insert(conn, sudden_changes, sudden, run_id, keep=True)
+        out_stored = _replace(conn, outcomes, out, ids, run_id, keep=True)
+        sudden_stored = _replace(conn, sudden_changes, sudden, ids, run_id, keep=True)
         # The stored forms serve the rest of the run: the computed frames go (~0.5 GB at
         # 1.1M outcome rows, during the flag step's peak).
         n_episodes = int(out["episode_id"].nunique()) if not out.empty else 0
@@ -503,14 +507,8 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         _replace(conn, episode_clock, flag_rules.stable_until(inp), scope, run_id)
         open_eps = inp.episodes.loc[inp.episodes["end_date"].isna(), "episode_id"]
         summary = caseload_summary(inp.outcomes, inp.goals, open_eps, registry, settings)
-        if scope is None:
-            conn.execute(caseload_table.delete())
-        else:  # the scope's rows; an episode that closed is in it and is not written back
-            for i in range(0, len(scope), 900):
-                conn.execute(caseload_table.delete().where(
-                    caseload_table.c.episode_id.in_(scope[i:i + 900])))
-        if not summary.empty:
-            _insert(conn, caseload_table, summary, run_id)
+        # The scope's rows; an episode that closed is in it and is not written back.
+        _replace(conn, caseload_table, summary, scope, run_id)
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
         svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
         svc = svc.astype({c: "int64" for c in SERVICE_COUNTS})

@@ -1224,7 +1224,8 @@ def _nan_is_null(dbapi: Any) -> bool:
 
 
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
-                chunk_rows: int = 100_000, positions: np.ndarray | None = None) -> None:
+                chunk_rows: int = 100_000, positions: np.ndarray | None = None,
+                upsert: bool = False) -> None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
@@ -1239,7 +1240,14 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     stores identically whichever chunk it is in. ``positions`` (row positions in
     ``frame``) inserts only those rows, in that order, taken a chunk at a time (no
     filtered copy of the whole frame).
+
+    ``upsert`` (SQLite only): a row whose primary key is already stored updates that
+    row in place (``ON CONFLICT DO UPDATE``) instead of failing. Two rows of the frame
+    with one key are refused all the same (:class:`StoreError`), as a plain insert
+    refuses them: the second must not silently overwrite the first.
     """
+    if upsert and conn.dialect.name != "sqlite":
+        raise ValueError("bulk_insert(upsert=True) is for SQLite; elsewhere delete first")
     if positions is not None:
         positions = np.asarray(positions, dtype=np.int64)
     if frame.empty or (positions is not None and not len(positions)):
@@ -1254,6 +1262,18 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     quoted = ", ".join(f'"{n}"' for n in names)
     step = max(1, chunk_rows)
     missing_as = _SQLITE_NULL if dialect == "sqlite" and _nan_is_null(dbapi) else None
+    conflict = ""
+    if upsert:
+        key = [c.name for c in table.primary_key.columns]
+        rows = frame if positions is None else frame.iloc[positions]
+        if rows.duplicated(key).any():
+            raise StoreError(f"rows with the same key ({', '.join(key)}) twice in one "
+                             f"write to {table.name}",
+                             fix="this is a bug in OnTrack; please report it")
+        values = [f'"{n}" = excluded."{n}"' for n in names if n not in key]
+        conflict = " ON CONFLICT ({}) DO {}".format(
+            ", ".join(f'"{k}"' for k in key),
+            f"UPDATE SET {', '.join(values)}" if values else "NOTHING")
     for lo in range(0, len(frame) if positions is None else len(positions), step):
         part = frame.iloc[lo:lo + step] if positions is None else \
             frame.iloc[positions[lo:lo + step]]
@@ -1271,7 +1291,7 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
             cur = dbapi.cursor()  # type: ignore[union-attr]
             try:
                 cur.executemany(f'INSERT INTO "{table.name}" ({quoted}) VALUES '
-                                f'({", ".join("?" * len(names))})', tuples)
+                                f'({", ".join("?" * len(names))}){conflict}', tuples)
             finally:
                 cur.close()
 

@@ -570,3 +570,74 @@ def test_bulk_insert_stores_missing_values_as_null(store: Store, nan_is_null: bo
     with pytest.raises(refused, match="(?i)not.null"), store.transaction() as conn:
         store_module.bulk_insert(conn, table, frame.assign(
             id=[3, 4], need=pd.array([pd.NA, 5], dtype="Int64")))
+
+
+def _scratch_goals() -> sa.Table:
+    return sa.Table("scratch_goals", sa.MetaData(),
+                    sa.Column("episode_id", sa.String(20), primary_key=True),
+                    sa.Column("goal_id", sa.String(20), primary_key=True),
+                    sa.Column("status", sa.String(20)),
+                    sa.Column("run_id", sa.Integer, nullable=False))
+
+
+def test_bulk_insert_upsert_updates_stored_keys_in_place(store: Store) -> None:
+    """On SQLite a row whose key is stored updates it where it is (its rowid kept), a
+    new key is inserted, and two rows of one key in the frame are refused, nothing
+    written; PostgreSQL's COPY cannot upsert, so asking is an error there."""
+    import pipeline.store as store_module
+
+    table = _scratch_goals()
+    first = pd.DataFrame({"episode_id": ["E1", "E1", "E2"], "goal_id": ["G1", "G2", "G1"],
+                          "status": ["on_track", "met", "at_risk"], "run_id": [1, 1, 1]})
+    with store.transaction() as conn:
+        table.create(conn)
+        store_module.bulk_insert(conn, table, first)
+    later = pd.DataFrame({"episode_id": ["E1", "E3"], "goal_id": ["G2", "G1"],
+                          "status": ["not_met", "on_track"], "run_id": [2, 2]})
+    if store.dialect != "sqlite":
+        with pytest.raises(ValueError, match="SQLite"), store.transaction() as conn:
+            store_module.bulk_insert(conn, table, later, upsert=True)
+        return
+    with store.transaction() as conn:
+        before = dict(conn.execute(sa.text(
+            "SELECT episode_id || goal_id, rowid FROM scratch_goals")).all())
+        store_module.bulk_insert(conn, table, later, upsert=True)
+        rows = conn.execute(sa.text("SELECT episode_id || goal_id, rowid, status, run_id "
+                                    "FROM scratch_goals ORDER BY 1")).all()
+    assert [(k, s, r) for k, _, s, r in rows] == [
+        ("E1G1", "on_track", 1), ("E1G2", "not_met", 2), ("E2G1", "at_risk", 1),
+        ("E3G1", "on_track", 2)]
+    assert {k: i for k, i, _, _ in rows if k != "E3G1"} == before
+    twice = pd.DataFrame({"episode_id": ["E4", "E4"], "goal_id": ["G1", "G1"],
+                          "status": ["met", "not_met"], "run_id": [3, 3]})
+    with pytest.raises(StoreError, match=r"same key \(episode_id, goal_id\) twice"), \
+            store.transaction() as conn:
+        store_module.bulk_insert(conn, table, twice, upsert=True)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM scratch_goals")).scalar() == 4
+
+
+def test_replacing_a_scope_keeps_other_episodes_and_drops_stale_rows(store: Store) -> None:
+    """compute's per-episode write: the scope's rows become exactly the new ones (a
+    goal no longer reported is gone, an episode with no rows has none), other
+    episodes' rows are untouched; on SQLite by updates in place, elsewhere by delete
+    and insert: the same rows either way."""
+    import pipeline.store as store_module
+    from pipeline.compute import _replace
+
+    table = _scratch_goals()
+    first = pd.DataFrame({"episode_id": ["E1", "E1", "E2", "E3"],
+                          "goal_id": ["G1", "G2", "G1", "G1"],
+                          "status": ["on_track", "met", "at_risk", "met"], "run_id": 1})
+    with store.transaction() as conn:
+        table.create(conn)
+        store_module.bulk_insert(conn, table, first)
+    new = pd.DataFrame({"episode_id": ["E1", "E1"], "goal_id": ["G1", "G3"],
+                        "status": ["at_risk", "on_track"]})
+    with store.transaction() as conn:
+        _replace(conn, table, new, ["E1", "E2"], run_id=2)
+    with store.engine.connect() as conn:
+        got = conn.execute(sa.select(table).order_by(table.c.episode_id,
+                                                     table.c.goal_id)).all()
+    assert [tuple(r) for r in got] == [
+        ("E1", "G1", "at_risk", 2), ("E1", "G3", "on_track", 2), ("E3", "G1", "met", 1)]

@@ -162,3 +162,22 @@ def test_bulk_insert_in_chunks_stores_the_same_rows(store: Store) -> None:
         pd.testing.assert_frame_equal(other, read[0], check_exact=True)
     for other in read[3:]:
         pd.testing.assert_frame_equal(other, picked, check_exact=True)
+
+
+def test_dates_are_formatted_as_sqlalchemy_writes_them_repeated_or_not() -> None:
+    """The bulk path's date text (each distinct value formatted once when values
+    repeat, value by value when they do not): SQLAlchemy's SQLite format, to the
+    microsecond, and NaN where a value is missing."""
+    from pipeline.store import _SQL_DATE, _SQL_DATETIME, _formatted
+
+    ten = datetime(2026, 1, 5, 10)
+    repeated = pd.Series([ten, None, ten, ten, datetime(2027, 2, 28, 23, 59, 59, 1)],
+                         dtype="datetime64[us]")
+    got = _formatted(repeated, _SQL_DATETIME)
+    assert list(got[[0, 2, 3, 4]]) == ["2026-01-05 10:00:00.000000"] * 3 + \
+        ["2027-02-28 23:59:59.000001"]
+    assert isinstance(got[1], float) and np.isnan(got[1])
+    assert list(_formatted(repeated.iloc[[4, 0]], _SQL_DATE)) == ["2027-02-28", "2026-01-05"]
+    assert np.isnan(_formatted(pd.Series([pd.NaT] * 3, dtype="datetime64[us]"),
+                               _SQL_DATE).astype(float)).all()
+    assert len(_formatted(pd.Series([], dtype="datetime64[us]"), _SQL_DATETIME)) == 0

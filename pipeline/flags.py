@@ -146,7 +146,8 @@ def _frame(columns: dict[str, Any], evidence: list[dict[str, Any]], kind: str
     n = len(evidence)
     df = pd.DataFrame({k: v if isinstance(v, list) else [v] * n for k, v in columns.items()})
     df["kind"] = kind
-    df["evidence"] = [encode_evidence(e) for e in evidence]
+    encode = _evidence_encoder()
+    df["evidence"] = [encode(e) for e in evidence]
     return df[FLAG_COLUMNS]
 
 
@@ -173,6 +174,29 @@ def encode_evidence(evidence: dict[str, Any]) -> str:
     a 10M full compute for 919k flags. Unlike ``json.dumps`` it never writes ``NaN``,
     which is not JSON (a browser's ``JSON.parse`` rejects it)."""
     return orjson.dumps(evidence, default=_evidence_value, option=_EVIDENCE_JSON).decode()
+
+
+def _evidence_encoder() -> Callable[[dict[str, Any]], str]:
+    """:func:`encode_evidence` for one rule's flags, writing each distinct date once.
+
+    ``str`` of a Timestamp takes ~2 us, and a rule's flags repeat few dates (scores are
+    recorded to the hour): a dict with two dates took 4.8 us to encode, 1.1 us with
+    their text remembered. Only dates are remembered: equal numbers of other types
+    (``True == 1``) would share one text."""
+    memo: dict[datetime, str] = {}
+
+    def default(x: Any) -> Any:
+        if isinstance(x, datetime) and x is not pd.NaT:
+            text = memo.get(x)
+            if text is None:
+                text = memo[x] = str(x)
+            return text
+        return _evidence_value(x)
+
+    def encode(evidence: dict[str, Any]) -> str:
+        return orjson.dumps(evidence, default=default, option=_EVIDENCE_JSON).decode()
+
+    return encode
 
 
 def _open_ids(inp: RuleInput) -> set[str]:

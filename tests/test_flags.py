@@ -860,3 +860,24 @@ def test_message_dates_read_as_strftime_gives_them(value: object) -> None:
     if isinstance(value, datetime) and value is not pd.NaT and value.year < 1000:
         want = datetime.strftime(value, "%Y-%m-%d")  # outside pandas' Timestamp range
     assert _date(value) == want
+
+
+def test_a_rules_evidence_writes_repeated_dates_as_each_one_alone() -> None:
+    """The encoder of a rule's flags, which writes each distinct date once, gives the
+    text encode_evidence gives flag by flag: equal dates of either type (Timestamp,
+    datetime) alike, other values never taken for a remembered date."""
+    from pipeline.flags import _evidence_encoder
+
+    at = pd.Timestamp("2026-01-05 10:00:00")
+    flags = [{"last_at": at, "first_at": datetime(2026, 1, 5, 10), "n": np.int64(1),
+              "ok": np.bool_(True)},
+             {"last_at": datetime(2026, 1, 5, 10), "first_at": at, "n": 1, "ok": True},
+             {"last_at": pd.NaT, "first_at": pd.Timestamp("2026-01-05 10:00:00.000001"),
+              "n": np.int64(1), "ok": np.bool_(False)}]
+    encode = _evidence_encoder()
+    assert [encode(f) for f in flags] == [encode_evidence(f) for f in flags] == [
+        '{"first_at":"2026-01-05 10:00:00","last_at":"2026-01-05 10:00:00","n":1,'
+        '"ok":true}',
+        '{"first_at":"2026-01-05 10:00:00","last_at":"2026-01-05 10:00:00","n":1,'
+        '"ok":true}',
+        '{"first_at":"2026-01-05 10:00:00.000001","last_at":null,"n":1,"ok":false}']

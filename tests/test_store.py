@@ -641,3 +641,39 @@ def test_replacing_a_scope_keeps_other_episodes_and_drops_stale_rows(store: Stor
                                                      table.c.goal_id)).all()
     assert [tuple(r) for r in got] == [
         ("E1", "G1", "at_risk", 2), ("E1", "G3", "on_track", 2), ("E3", "G1", "met", 1)]
+
+
+def test_bulk_update_stores_what_sqlalchemy_update_stores(store: Store) -> None:
+    """Rows updated by key through the fast path read back, value and type, as the same
+    update through SQLAlchemy: a datetime to the microsecond, a missing value as NULL,
+    rows not named left alone."""
+    import pipeline.store as store_module
+
+    table = sa.Table("scratch_updates", sa.MetaData(),
+                     sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("state", sa.String(20), nullable=False),
+                     sa.Column("at", sa.DateTime), sa.Column("score", sa.Float))
+    start = [{"id": i, "state": "open", "at": datetime(2026, 1, i), "score": 1.5}
+             for i in (1, 2, 3)]
+    change = pd.DataFrame({"id": [3, 1], "state": ["resolved", "acknowledged"],
+                           "at": [datetime(2026, 2, 1, 9, 30, 0, 7), None],
+                           "score": [np.nan, 2.25]})
+    read = {}
+    for how in ("bulk", "sqlalchemy"):
+        with store.transaction() as conn:
+            table.drop(conn, checkfirst=True)
+            table.create(conn)
+            conn.execute(table.insert(), start)
+            if how == "bulk":
+                store_module.bulk_update(conn, table, change, "id")
+            else:
+                for r in [{"id": 3, "state": "resolved",
+                           "at": datetime(2026, 2, 1, 9, 30, 0, 7), "score": None},
+                          {"id": 1, "state": "acknowledged", "at": None, "score": 2.25}]:
+                    conn.execute(table.update().where(table.c.id == r["id"]).values(**r))
+            read[how] = read_frame(conn, sa.select(table).order_by(table.c.id), raw=True)
+    pd.testing.assert_frame_equal(read["bulk"], read["sqlalchemy"], check_exact=True)
+    rows = read["bulk"].to_dict(orient="records")
+    assert [r["state"] for r in rows] == ["acknowledged", "open", "resolved"]
+    assert pd.isna(rows[0]["at"]) and pd.isna(rows[2]["score"]) and rows[0]["score"] == 2.25
+    assert str(rows[2]["at"]).startswith("2026-02-01") and rows[1]["score"] == 1.5

@@ -235,17 +235,17 @@ class _Ingestor:
             need = {c: frame[c].astype("str").str.strip().unique().tolist()
                     for c in ("episode_id", "client_id", "therapist_id") if c in frame}
             if sum(len(v) for v in need.values()) <= LOOKUP_LIMIT:
-                eps = need.get("episode_id", [])
+                owners, starts = self.store.episode_clients_and_starts(
+                    conn, need.get("episode_id", []))
                 return self._context(
                     therapists=self.store.therapist_ids(conn, need.get("therapist_id", [])),
                     clients=self.store.client_ids(conn, need.get("client_id", [])),
-                    episode_client=self.store.episode_clients(conn, eps),
-                    episode_start=self.store.episode_starts(conn, eps))
+                    episode_client=owners, episode_start=starts)
         if self._whole is None:
+            owners, starts = self.store.episode_clients_and_starts(conn)
             self._whole = self._context(
                 therapists=self.store.therapist_ids(conn), clients=self.store.client_ids(conn),
-                episode_client=self.store.episode_clients(conn),
-                episode_start=self.store.episode_starts(conn))
+                episode_client=owners, episode_start=starts)
         return self._whole
 
     def _context(self, **lookups: Any) -> Context:

@@ -1242,6 +1242,24 @@ def _nan_is_null(dbapi: Any) -> bool:
         cur.close()
 
 
+def _missing_as(conn: Connection) -> Any:
+    """What the driver path binds for a missing value on this connection (see
+    :data:`_SQLITE_NULL`)."""
+    sqlite = conn.dialect.name == "sqlite"
+    return _SQLITE_NULL if sqlite and _nan_is_null(conn.connection.driver_connection) \
+        else None
+
+
+def _driver_rows(frame: pd.DataFrame, table: sa.Table, names: Sequence[str], dialect: str,
+                 missing_as: Any) -> Iterator[tuple[Any, ...]]:
+    """The frame's columns ``names`` as rows of plain values the driver binds, stored
+    as SQLAlchemy stores them (:func:`_column_values`). A lazy iterator: the driver
+    takes rows one at a time, so a chunk's tuples never exist all at once."""
+    columns = [_column_values(frame[n], table.c[n].type, dialect, missing_as)
+               for n in names]
+    return zip(*columns, strict=True)
+
+
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
                 chunk_rows: int = 100_000, positions: np.ndarray | None = None,
                 upsert: bool = False) -> None:
@@ -1280,7 +1298,7 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     dbapi = conn.connection.driver_connection
     quoted = ", ".join(f'"{n}"' for n in names)
     step = max(1, chunk_rows)
-    missing_as = _SQLITE_NULL if dialect == "sqlite" and _nan_is_null(dbapi) else None
+    missing_as = _missing_as(conn)
     conflict = ""
     if upsert:
         key = [c.name for c in table.primary_key.columns]
@@ -1296,11 +1314,7 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     for lo in range(0, len(frame) if positions is None else len(positions), step):
         part = frame.iloc[lo:lo + step] if positions is None else \
             frame.iloc[positions[lo:lo + step]]
-        columns = [_column_values(part[n], table.c[n].type, dialect, missing_as)
-                   for n in names]
-        # Rows as a lazy iterator: the driver takes them one at a time, so a chunk's
-        # tuples never exist all at once.
-        tuples = zip(*columns, strict=True)
+        tuples = _driver_rows(part, table, names, dialect, missing_as)
         if dialect == "postgresql":
             with dbapi.cursor() as cur, cur.copy(  # type: ignore[union-attr]
                     f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
@@ -1332,15 +1346,12 @@ def bulk_update(conn: Connection, table: sa.Table, frame: pd.DataFrame, key: str
         conn.execute(stmt, [{**{n: r[n] for n in names}, "_key": r[key]}
                             for r in to_records(frame)])
         return
-    dbapi = conn.connection.driver_connection
-    missing_as = _SQLITE_NULL if _nan_is_null(dbapi) else None
-    columns = [_column_values(frame[n], table.c[n].type, "sqlite", missing_as)
-               for n in (*names, key)]
     settings = ", ".join(f'"{n}" = ?' for n in names)
-    cur = dbapi.cursor()  # type: ignore[union-attr]
+    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         cur.executemany(f'UPDATE "{table.name}" SET {settings} WHERE "{key}" = ?',
-                        zip(*columns, strict=True))
+                        _driver_rows(frame, table, [*names, key], "sqlite",
+                                     _missing_as(conn)))
     finally:
         cur.close()
 

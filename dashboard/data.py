@@ -31,6 +31,7 @@ from dashboard.access import (
     may_see_service,
 )
 from dashboard.grid_query import GridColumn, grid_order, grid_where
+from pipeline.columns import to_datetimes
 from pipeline.config import Settings
 from pipeline.errors import UsageError
 from pipeline.export import export_dataset, zip_export
@@ -144,7 +145,7 @@ def _grid_columns(counts: dict[str, sa.ColumnElement[Any]], day: date
 
 def _ts(values: pd.Series) -> pd.Series:
     """Dates or datetimes (possibly None) as one datetime64[us] dtype."""
-    return pd.to_datetime(values).astype("datetime64[us]")
+    return to_datetimes(values).astype("datetime64[us]")
 
 
 def _frame(conn: sa.Connection, query: sa.Select[Any], raw: bool = False) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from pipeline import flags as flag_rules
+from pipeline.columns import to_datetimes
 from pipeline.config import Settings
 from pipeline.faults import crash_point
 from pipeline.goals import goal_status
@@ -94,7 +95,7 @@ class ComputeReport:
 def _read_admins(conn: sa.Connection, episode_ids: list[str] | None) -> pd.DataFrame:
     df = bulk_read(conn, administrations, _ADMIN_COLS,
                    where_in=None if episode_ids is None else ("episode_id", episode_ids))
-    df["administered_at"] = pd.to_datetime(df["administered_at"]).astype("datetime64[us]")
+    df["administered_at"] = to_datetimes(df["administered_at"]).astype("datetime64[us]")
     df["score"] = df["score"].astype("int64")
     df["session_number"] = df["session_number"].astype("Int64")
     df["episode_id"] = df["episode_id"].astype("str")
@@ -206,7 +207,7 @@ def _as_bools(values: pd.Series) -> Any:
 def _outcome_frame(frame: pd.DataFrame) -> pd.DataFrame:
     frame = _bools(frame, outcomes)
     for c in ("first_at", "last_at"):
-        frame[c] = pd.to_datetime(frame[c])
+        frame[c] = to_datetimes(frame[c])
     return frame
 
 
@@ -251,7 +252,7 @@ def rule_input(conn: sa.Connection, registry: Registry, settings: Settings,
     # caller's frame, and the rest share its buffers (a copy was ~1 GB at 10M rows).
     adm = _plus(admins[cols], rest, lambda ids: _read_admins(conn, ids)[cols]) \
         if admins is not None else _scoped(conn, administrations, cols, episode_ids)
-    adm["administered_at"] = pd.to_datetime(adm["administered_at"])
+    adm["administered_at"] = to_datetimes(adm["administered_at"])
     eps = _scoped(conn, episodes, ["episode_id", "therapist_id", "team", "start_date",
                                    "end_date"], episode_ids)
     # Columnar (a full run's 1.4M goals: 6.7 s by rows): every text column of a goal is
@@ -510,7 +511,7 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         # The scope's rows; an episode that closed is in it and is not written back.
         _replace(conn, caseload_table, summary, scope, run_id)
         svc = episode_flags_from(inp.episodes, inp.outcomes, settings, registry)
-        svc["end_month"] = pd.to_datetime(svc["end_date"]).dt.strftime("%Y-%m")
+        svc["end_month"] = to_datetimes(svc["end_date"]).dt.strftime("%Y-%m")
         svc = svc.astype({c: "int64" for c in SERVICE_COUNTS})
         if scope is None:
             _replace(conn, episode_service_table, svc, None, run_id)

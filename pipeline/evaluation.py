@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.columns import to_datetimes
 from pipeline.compute import build_reference
 from pipeline.config import Settings
 from pipeline.flags import RuleInput, rule_not_on_track, rule_reliable_deterioration, rule_stalled
@@ -44,7 +45,7 @@ def _scored(data: Dataset) -> pd.DataFrame:
     score = total.where(total.notna(), items.sum(axis=1, min_count=1))
     out = pd.DataFrame({
         "episode_id": a["episode_id"].astype("str"), "measure": a["measure"].astype("str"),
-        "administered_at": pd.to_datetime(a["administered_at"]).astype("datetime64[us]"),
+        "administered_at": to_datetimes(a["administered_at"]).astype("datetime64[us]"),
         "session_number": pd.to_numeric(a["session_number"]).astype("Int64"),
         "score": score})
     out = out[out["score"].notna()]

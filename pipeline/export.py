@@ -32,6 +32,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from pipeline import __version__
+from pipeline.columns import to_datetimes
 from pipeline.config import Settings
 from pipeline.errors import UsageError
 from pipeline.faults import crash_point
@@ -148,15 +149,15 @@ def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir
             administrations.c.score,
             *[administrations.c[f"item_{i}"] for i in range(1, 21)])
             .where(administrations.c.measure.in_(measures)))
-    start = pd.to_datetime(ep["start_date"])
+    start = to_datetimes(ep["start_date"])
     keep = pd.Series(True, index=ep.index)
     if date_from:
         keep &= start >= pd.Timestamp(date_from)
     if date_to:
         keep &= start <= pd.Timestamp(date_to)
     ep = ep[keep].copy()
-    start = pd.to_datetime(ep["start_date"])
-    birth = pd.to_datetime(ep["birth_date"])
+    start = to_datetimes(ep["start_date"])
+    birth = to_datetimes(ep["birth_date"])
     age = ((start - birth).dt.days // 365.25).astype("float")
     flags = episode_flags_from(ep[["episode_id", "end_date"]], oc, settings, registry)
 
@@ -190,7 +191,7 @@ def export_dataset(store: Store, settings: Settings, registry: Registry, out_dir
     sid = dict(zip(out["_episode_id"], out["episode_sid"], strict=True))
 
     a = adm[adm["episode_id"].isin(exported_ids)].copy()
-    a["administered_at"] = pd.to_datetime(a["administered_at"])
+    a["administered_at"] = to_datetimes(a["administered_at"])
     first_day = a.groupby("episode_id")["administered_at"].transform("min").dt.normalize()
     a_out = pd.DataFrame({
         "episode_sid": a["episode_id"].map(sid),

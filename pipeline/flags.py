@@ -36,7 +36,7 @@ import pandas as pd
 import sqlalchemy as sa
 from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
-from pipeline.columns import is_in
+from pipeline.columns import is_in, to_datetimes
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import bulk_insert, bulk_read, bulk_update, iter_frames
@@ -117,7 +117,7 @@ def _or_none(x: Any) -> Any:
 
 def _dt(values: pd.Series) -> pd.Series:
     """Dates/datetimes (possibly all missing) as datetime64[us]."""
-    return pd.to_datetime(values.astype("object")).astype("datetime64[us]")
+    return to_datetimes(values.astype("object")).astype("datetime64[us]")
 
 
 def _list(col: pd.Series) -> list[Any]:
@@ -620,7 +620,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     if kinds is not None:
         q = q.where(flags_table.c.kind.in_(kinds))
     # assign, not copy(): the other columns (messages, evidence) are shared, not copied.
-    f = firing.assign(evidence_at=pd.to_datetime(firing["evidence_at"]))
+    f = firing.assign(evidence_at=to_datetimes(firing["evidence_at"]))
     compare = _Unchanged(f)
     # Raw driver values: every column is text or an integer but acknowledged_at, which
     # is parsed below (SQLAlchemy's per-row processing was half of reading 900k flags).
@@ -655,7 +655,7 @@ def refresh(conn: sa.Connection, firing: pd.DataFrame, now: datetime,
     # The flags that fire again, without their text (only the changed ones need it).
     old = m.loc[~is_new, [c for c in m.columns if c not in _TEXT or not compare.slim]]
     if not old.empty:
-        ack_at = pd.to_datetime(old["acknowledged_at"], format="ISO8601")
+        ack_at = to_datetimes(old["acknowledged_at"], format="ISO8601")
         reopen = ((old["state"] == "acknowledged") & (old["evidence_at"] > ack_at)) | \
             (old["state"] == "resolved")
         # Unchanged flags are not written: a live flag holds as of every run (see the

@@ -33,6 +33,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from pipeline.columns import to_datetimes
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.stats.groups import Grouped
@@ -213,17 +214,17 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     weeks = g["weeks"].to_numpy(dtype=float)
     per_session_days = np.where(n > 1, weeks * 7 / np.maximum(n - 1, 1), 7.0)
     due_session = pd.to_numeric(g["due_session"], errors="coerce").to_numpy(dtype=float)
-    last_at = pd.to_datetime(g["last_at"])
+    last_at = to_datetimes(g["last_at"])
     # To the second: an estimate from the cadence, whose float days otherwise read as
     # "07:59:59.999999997" in the clinician's evidence.
     est_due = (last_at + pd.to_timedelta(np.nan_to_num((due_session - n) * per_session_days),
                                          unit="D")).dt.round("s")
-    due_date = pd.to_datetime(g["due_date"])
+    due_date = to_datetimes(g["due_date"])
     g["due_at"] = due_date.where(due_date.notna(), est_due.where(~np.isnan(due_session)))
     # A closed episode's goals are judged as of its end: the clock stops with the episode.
     as_of = pd.Series(pd.Timestamp(today).normalize(), index=g.index)
     if "end_date" in g.columns:
-        ended = pd.to_datetime(g["end_date"]).astype("datetime64[us]")
+        ended = to_datetimes(g["end_date"]).astype("datetime64[us]")
         as_of = as_of.where(ended.isna() | (ended > as_of), ended)
     past_due = (due_date.notna() & (due_date < as_of)).to_numpy() | \
         (~np.isnan(due_session) & (n >= due_session))
@@ -254,7 +255,7 @@ def goal_status(goals: pd.DataFrame, admins: pd.DataFrame, outcomes: pd.DataFram
     met = g["met_at"].notna().to_numpy()
     no_admin = np.isnan(n) | (n == 0)
     few = n < 3
-    due_at = pd.to_datetime(g["due_at"])
+    due_at = to_datetimes(g["due_at"])
     reaches = (g["projected_at"].notna() & due_at.notna() &
                (g["projected_at"] <= due_at)).to_numpy()
     significant = slow > 0  # the whole CI is on the improving side

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
+from pipeline.columns import to_datetimes
 from pipeline.errors import UsageError
 from pipeline.store import Store, administrations, episodes, read_frame
 
@@ -71,7 +72,7 @@ def write_parquet_dataset(store: Store, out_dir: Path, partitions: int = 8,
                 frame = pd.DataFrame({
                     "episode_id": a["episode_id"].astype("str"),
                     "measure": a["measure"].astype("str"),
-                    "administered_at": pd.to_datetime(a["administered_at"])
+                    "administered_at": to_datetimes(a["administered_at"])
                     .astype("datetime64[us]"),
                     "session_number": pd.to_numeric(a["session_number"]).astype("Int64"),
                     "score": pd.to_numeric(a["score"]).astype("int64"),

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from pipeline.columns import is_in
+from pipeline.columns import is_in, to_datetimes
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.stats.service import episode_service_outcomes, metrics_record, service_metrics
@@ -66,7 +66,7 @@ def service_report(store: Store, settings: Settings, registry: Registry, *,
         keep &= flags["team"] == team
     if therapist:
         keep &= flags["therapist_id"] == therapist
-    end = pd.to_datetime(flags["end_date"])
+    end = to_datetimes(flags["end_date"])
     if date_from:
         keep &= end >= pd.Timestamp(date_from)
     if date_to:

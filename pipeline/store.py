@@ -20,6 +20,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pipeline.columns import to_datetimes
 from pipeline.errors import StoreError
 
 __all__ = [
@@ -719,7 +720,7 @@ class Store:
         # whatever its size (300 at a time: 3.3 s for a 200k-row chunk; 2,000: 2.1 s).
         ident = ident.sort_values("episode_id")
         eps = ident["episode_id"].tolist()
-        when = pd.to_datetime(ident["administered_at"]).dt.to_pydatetime().tolist()
+        when = to_datetimes(ident["administered_at"]).dt.to_pydatetime().tolist()
         frames = [read_frame(conn, sa.select(*cols).where(
             administrations.c.episode_id.in_(sorted(set(eps[i:i + 2000])))
             & administrations.c.administered_at.in_(sorted(set(when[i:i + 2000])))), raw=True)
@@ -745,7 +746,7 @@ class Store:
             cur.execute("DELETE FROM temp._ontrack_identities")
             # Times as the store writes them (SQLAlchemy's SQLite text form), compared
             # as text: equal instants, equal text.
-            when = pd.to_datetime(ident["administered_at"]).dt.strftime(_SQL_DATETIME)
+            when = to_datetimes(ident["administered_at"]).dt.strftime(_SQL_DATETIME)
             cur.executemany("INSERT INTO temp._ontrack_identities VALUES (?, ?, ?)",
                             zip(ident["episode_id"].tolist(), ident["measure"].tolist(),
                                 when.tolist(), strict=True))
@@ -1116,7 +1117,7 @@ def _formatted(col: pd.Series, fmt: str) -> np.ndarray:
     strftime of every value 0.86 s, of the distinct ones 0.11 s). A column of mostly
     distinct values is formatted value by value, which is then the cheaper way.
     """
-    at = pd.to_datetime(col)
+    at = to_datetimes(col)
     codes, distinct = pd.factorize(at)
     if len(distinct) > len(at) // 2:
         return at.dt.strftime(fmt).to_numpy(dtype=object, copy=True)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from pipeline import store
-from pipeline.columns import as_mask, is_in
+from pipeline.columns import as_mask, is_in, to_datetimes
 from pipeline.errors import ValidationError
 from pipeline.ingest.formats import QuarantineRecord
 from pipeline.reasons import Reason
@@ -157,11 +157,11 @@ def parse_timestamps(values: pd.Series, timezone: str = "UTC") -> pd.Series:
     has_offset = s.str.contains(_OFFSET_RE, na=False)
     out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us]")
     if has_offset.any():
-        aware = pd.to_datetime(s[has_offset], format="ISO8601", utc=True, errors="coerce")
+        aware = to_datetimes(s[has_offset], format="ISO8601", utc=True, errors="coerce")
         out[has_offset] = aware.dt.tz_localize(None).astype("datetime64[us]")
     naive_mask = ~has_offset & (s != "")
     if naive_mask.any():
-        naive = pd.to_datetime(s[naive_mask], format="ISO8601", errors="coerce")
+        naive = to_datetimes(s[naive_mask], format="ISO8601", errors="coerce")
         if timezone != "UTC":
             naive = naive.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
             naive = naive.dt.tz_convert("UTC").dt.tz_localize(None)

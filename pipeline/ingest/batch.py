@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from sqlalchemy.engine import Connection
 
 from pipeline import flags
-from pipeline.columns import is_in
+from pipeline.columns import is_in, to_datetimes
 from pipeline.config import Settings
 from pipeline.errors import IngestError, UnreadableFileError
 from pipeline.faults import crash_point
@@ -333,7 +333,7 @@ class _Ingestor:
         # Against the store.
         stored = self.store.administration_keys(conn, frame[_IDENTITY])
         if not stored.empty:
-            stored["administered_at"] = pd.to_datetime(stored["administered_at"]) \
+            stored["administered_at"] = to_datetimes(stored["administered_at"]) \
                 .astype("datetime64[us]")
             stored["_fp_stored"] = _fingerprint(stored)
             frame = frame.merge(stored[[*_IDENTITY, "_fp_stored"]], on=_IDENTITY, how="left")
@@ -375,7 +375,7 @@ class _Ingestor:
         rep.warnings[Warn.PRORATED.value] += int(accepted["prorated"].sum())
         rep.warnings[Warn.RISK_ITEM_MISSING.value] += int(
             ((accepted["risk"] == "unknown") & accepted["has_items"]).sum())
-        start = pd.to_datetime(accepted["episode_id"].map(ctx.episode_start))
+        start = to_datetimes(accepted["episode_id"].map(ctx.episode_start))
         rep.warnings[Warn.BEFORE_EPISODE_START.value] += int(
             (accepted["administered_at"].dt.normalize() < start).fillna(False).sum())
         rep.warnings = +rep.warnings  # drop zero counts

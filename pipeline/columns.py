@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["as_mask", "is_in", "to_datetimes"]
+__all__ = ["as_mask", "is_in", "one_chunk", "to_datetimes"]
 
 
 def _text(values: pd.Series | pd.Index | Iterable[str]) -> pa.Array:
@@ -58,3 +58,19 @@ def to_datetimes(values: pd.Series, **kwargs: Any) -> pd.Series:
     # Code -1 (a missing value) takes the missing value, as pd.to_datetime gives it.
     return pd.Series(parsed.array.take(codes, allow_fill=True), index=values.index,
                      name=values.name)
+
+
+def one_chunk(values: pd.Series) -> pd.Series:
+    """An Arrow-backed text column in one contiguous array (a copy), else ``values``.
+
+    ``pd.concat`` of text columns chains their Arrow arrays, and Arrow's ``take`` from a
+    chained array is ~8x slower than from one array (50k positions out of 900k values
+    in 9 pieces: 9.3 ms against 1.2 ms), which a column gathered from many times pays.
+    """
+    if values.dtype != "str":
+        return values
+    arrow = pa.array(values.array)
+    if not isinstance(arrow, pa.ChunkedArray) or arrow.num_chunks <= 1:
+        return values
+    return pd.Series(pd.array(arrow.combine_chunks(), dtype=values.dtype),
+                     index=values.index, name=values.name)

@@ -36,7 +36,7 @@ import pandas as pd
 import sqlalchemy as sa
 from scipy import special  # not scipy.stats: 0.15 s to load instead of 0.7 s
 
-from pipeline.columns import is_in, to_datetimes
+from pipeline.columns import is_in, one_chunk, to_datetimes
 from pipeline.config import Settings
 from pipeline.scales import Registry
 from pipeline.store import bulk_insert, bulk_read, bulk_update, iter_frames
@@ -494,7 +494,12 @@ def evaluate(inp: RuleInput, kinds: list[str] | None = None) -> pd.DataFrame:
     frames = [f for f in frames if not f.empty]
     if not frames:
         return pd.DataFrame(columns=FLAG_COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    del frames
+    # Text in one piece per column (see one_chunk): refresh gathers from it part by part.
+    for c in out.columns:
+        out[c] = one_chunk(out[c])
+    return out
 
 
 def risk_flags(accepted: pd.DataFrame, registry: Registry) -> pd.DataFrame:
@@ -537,8 +542,10 @@ class _Unchanged:
     def __init__(self, firing: pd.DataFrame) -> None:
         self.keys = pd.MultiIndex.from_frame(firing[_IDENTITY])
         self.slim = bool(self.keys.is_unique)
-        # As text columns (Arrow-backed), not Python objects: those were ~0.5 GB.
-        self.text = {c: _text(firing[c]) for c in _TEXT} if self.slim else {}
+        # As text columns (Arrow-backed), not Python objects: those were ~0.5 GB. In one
+        # piece each (as evaluate gives them): every part of the stored flags gathers
+        # from them, and from the rules' frames chained a 10M full run's took 1.3 s.
+        self.text = {c: one_chunk(_text(firing[c])) for c in _TEXT} if self.slim else {}
         self.columns = ["_same"] if self.slim else list(_TEXT)
 
     def __call__(self, stored: pd.DataFrame) -> pd.DataFrame:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from pipeline.columns import is_in, to_datetimes
+from pipeline.columns import is_in, one_chunk, to_datetimes
 
 
 @pytest.mark.parametrize("kind", ["series", "set", "list with repeats", "index"])
@@ -62,3 +63,17 @@ def test_to_datetimes_raises_as_pandas_does() -> None:
         pd.to_datetime(values)
     with pytest.raises(ValueError):
         to_datetimes(values)
+
+
+def test_one_chunk_joins_the_pieces_of_a_text_column() -> None:
+    parts = [pd.Series(["a", None, "c"], dtype="str"), pd.Series(["d", "e"], dtype="str")]
+    chained = pd.concat(parts, ignore_index=True)
+    assert pa.array(chained.array).num_chunks == 2
+    joined = one_chunk(chained.rename("x"))
+    assert not isinstance(pa.array(joined.array), pa.ChunkedArray) or \
+        pa.array(joined.array).num_chunks == 1
+    assert joined.tolist()[0] == "a" and pd.isna(joined.iloc[1])
+    assert joined.tolist()[2:] == ["c", "d", "e"]
+    assert joined.dtype == chained.dtype and joined.name == "x"
+    numbers = pd.Series([1, 2])
+    assert one_chunk(numbers) is numbers

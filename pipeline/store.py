@@ -1216,8 +1216,10 @@ def stored_frame(table: sa.Table, frame: pd.DataFrame, dialect: str) -> pd.DataF
     names = [c.name for c in table.c]
     if frame.empty:
         return pd.DataFrame(columns=names)
+    # copy=False: the columns are new (or the caller's, which pandas copies on write);
+    # gathering 60 columns of 1.1M outcomes into blocks took 0.75 s of fresh memory.
     out = pd.DataFrame({n: _stored_column(frame[n], table.c[n].type, dialect)
-                        for n in names if n in frame.columns})
+                        for n in names if n in frame.columns}, copy=False)
     for n in names:
         if n not in out.columns:
             out[n] = None

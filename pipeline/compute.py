@@ -447,8 +447,11 @@ def compute(store: Store, settings: Settings, registry: Registry, *, full: bool 
         timings["group"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         if rebuild:
-            ended = pd.Series([r[0] for r in conn.execute(
-                sa.select(episodes.c.episode_id).where(episodes.c.end_date.is_not(None)))])
+            # Read whole by the columnar path and filtered here: SQLite answered the
+            # WHERE through the end_date index, one table lookup per ended episode
+            # (491k of 560k: 1.3-1.6 s, against 0.4 s for the whole table).
+            ended_at = _scoped(conn, episodes, ["episode_id", "end_date"], None, columnar=True)
+            ended = ended_at.loc[ended_at["end_date"].notna().to_numpy(), "episode_id"]
             reference, norms = build_reference(admins, ended, registry, settings,
                                                grouped=grouped)
         else:

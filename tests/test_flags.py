@@ -881,3 +881,20 @@ def test_a_rules_evidence_writes_repeated_dates_as_each_one_alone() -> None:
         '{"first_at":"2026-01-05 10:00:00","last_at":"2026-01-05 10:00:00","n":1,'
         '"ok":true}',
         '{"first_at":"2026-01-05 10:00:00.000001","last_at":null,"n":1,"ok":false}']
+
+
+@pytest.mark.parametrize("values, dtype", [
+    ([True, None, False], object), ([np.True_, None, 1.5], object),
+    ([1, None, float("nan"), "x"], object), ([np.int64(3), 2], object),
+    ([1, None], "Int64"), ([True, None], "boolean"),
+    ([pd.Timestamp("2024-01-01"), None], object), ([1.5, np.nan], "float64"),
+])
+def test_rule_columns_as_lists_are_what_to_dict_gives(values: list, dtype: str) -> None:
+    """flags._list's shortcuts give the values and Python types of to_dict."""
+    from pipeline.flags import _list
+
+    col = pd.Series(values, dtype=dtype, name="c")
+    got, expected = _list(col), col.to_frame().to_dict(orient="list")["c"]
+    assert [type(x) for x in got] == [type(x) for x in expected]
+    assert all(x is y or x == y or (x != x and y != y)
+               for x, y in zip(got, expected, strict=True))

@@ -746,7 +746,7 @@ class Store:
             cur.execute("DELETE FROM temp._ontrack_identities")
             # Times as the store writes them (SQLAlchemy's SQLite text form), compared
             # as text: equal instants, equal text.
-            when = to_datetimes(ident["administered_at"]).dt.strftime(_SQL_DATETIME)
+            when = _formatted(ident["administered_at"], _SQL_DATETIME)
             cur.executemany("INSERT INTO temp._ontrack_identities VALUES (?, ?, ?)",
                             zip(ident["episode_id"].tolist(), ident["measure"].tolist(),
                                 when.tolist(), strict=True))

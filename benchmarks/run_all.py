@@ -35,7 +35,7 @@ FULL = [
     ("bench_scale.py", ["--episodes", "55000", "--repeat", "3"],
      "end to end through the command line at ~1M administrations"),
 ]
-#: ``--scale``: the 10M tier (about 25 minutes more).
+#: ``--scale``: the 10M tier (about 30 minutes more).
 SCALE = [
     ("bench_scale.py", ["--episodes", "560000", "--repeat", "3"],
      "end to end through the command line at ~10M administrations"),

@@ -1035,8 +1035,10 @@ def bulk_read(conn: Connection, table: sa.Table, columns: Sequence[str],
                 buf.write(block)
         if buf.getbuffer().nbytes:
             buf.seek(0)
+            # A lone column's NULL is an empty line, which is a row here, not nothing.
             tables.append(pacsv.read_csv(
                 buf, read_options=pacsv.ReadOptions(column_names=names),
+                parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
                 convert_options=convert))
     elif dialect == "sqlite" and all(t in (pa.int64(), pa.string(), pa.float64())
                                      for t in types.values()):

@@ -67,3 +67,35 @@ def test_per_chunk_lookups_equal_loading_every_id(tmp_path: Path, registry: Regi
     for table in TABLES:
         pd.testing.assert_frame_equal(tables_few[table], tables_all[table], obj=table)
     assert len(data.administrations) > 25
+
+
+def test_context_lookups_follow_additions(registry: Registry) -> None:
+    """The context's cached id indexes answer as the dicts and sets they stand for, and
+    an id added after a lookup is known to the next one (the index is rebuilt)."""
+    from datetime import datetime
+
+    from pipeline.validate import Context
+
+    ctx = Context(registry=registry, now=datetime(2026, 1, 1), clients={"c1", "c2"},
+                  episode_client={"e1": "c1", "e2": "c2"},
+                  episode_start={"e1": "2025-01-01", "e2": "2025-02-01"})
+    ids = pd.Series(["e2", "e3", "", None, "e1", "E1"], dtype="str", index=[9, 8, 7, 6, 5, 4])
+    assert ctx.known("episode_client", ids).tolist() == [True, False, False, False, True,
+                                                         False]
+    owner = ctx.mapped("episode_client", ids)
+    assert owner.index.tolist() == [9, 8, 7, 6, 5, 4]
+    assert owner.tolist()[0] == "c2" and owner.tolist()[4] == "c1"
+    assert owner.isna().tolist() == [False, True, True, True, False, True]
+    ctx.add("episode_client", pd.Series(["e3", "e1"]), pd.Series(["c3", "changed"]))
+    assert ctx.known("episode_client", ids).tolist() == [True, True, False, False, True,
+                                                         False]
+    # An id already present keeps its value (the store keeps its row).
+    assert ctx.mapped("episode_client", ids).tolist()[:2] == ["c2", "c3"]
+    assert ctx.mapped("episode_client", ids).tolist()[4] == "c1"
+    assert ctx.known("clients", pd.Series(["c2", "c3"], dtype="str")).tolist() == [True,
+                                                                                  False]
+    ctx.add("clients", pd.Series(["c3"]))
+    assert ctx.known("clients", pd.Series(["c2", "c3"], dtype="str")).tolist() == [True,
+                                                                                  True]
+    with pytest.raises(TypeError):
+        ctx.mapped("clients", ids)

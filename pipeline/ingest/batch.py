@@ -375,7 +375,7 @@ class _Ingestor:
         rep.warnings[Warn.PRORATED.value] += int(accepted["prorated"].sum())
         rep.warnings[Warn.RISK_ITEM_MISSING.value] += int(
             ((accepted["risk"] == "unknown") & accepted["has_items"]).sum())
-        start = to_datetimes(accepted["episode_id"].map(ctx.episode_start))
+        start = to_datetimes(ctx.mapped("episode_start", accepted["episode_id"]))
         rep.warnings[Warn.BEFORE_EPISODE_START.value] += int(
             (accepted["administered_at"].dt.normalize() < start).fillna(False).sum())
         rep.warnings = +rep.warnings  # drop zero counts
@@ -434,14 +434,12 @@ class _Ingestor:
         if update.any():
             rep.warnings[Warn.UPDATED.value] += int(update.sum())
         if kind == "therapists":
-            ctx.therapists.update(frame.loc[new, key])
+            ctx.add("therapists", frame.loc[new, key])
         elif kind == "clients":
-            ctx.clients.update(frame.loc[new, key])
+            ctx.add("clients", frame.loc[new, key])
         else:
-            ctx.episode_client.update(dict(zip(frame.loc[new, key],
-                                               frame.loc[new, "client_id"], strict=True)))
-            ctx.episode_start.update(dict(zip(frame.loc[new, key],
-                                              frame.loc[new, "start_date"], strict=True)))
+            ctx.add("episode_client", frame.loc[new, key], frame.loc[new, "client_id"])
+            ctx.add("episode_start", frame.loc[new, key], frame.loc[new, "start_date"])
             rep.episodes_touched.update(frame.loc[new | update, key])
 
     def _plans(self, conn: Connection, rep: FileReport, frame: pd.DataFrame) -> None:

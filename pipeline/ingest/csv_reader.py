@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import io
 import re
 import sys
@@ -89,47 +90,59 @@ class CsvFile:
                 failed: list[QuarantineRecord] = []
                 prev = reader.line_num
                 exhausted = False
-                while len(rows) + len(failed) < chunk_rows:
-                    try:
-                        row = next(reader)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    except csv.Error as exc:
+                # Each record is a list, an object the cyclic garbage collector tracks
+                # (and no list here can be part of a cycle): with it running, a chunk's
+                # 200k live lists were traversed again and again as they aged. Paused
+                # while a chunk is read and framed: reading 9.9M records 24.5 -> 18.6 s.
+                collecting = gc.isenabled()
+                gc.disable()
+                try:
+                    while len(rows) + len(failed) < chunk_rows:
+                        try:
+                            row = next(reader)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        except csv.Error as exc:
+                            line = prev + 1
+                            prev = reader.line_num
+                            failed.append(QuarantineRecord(
+                                line, Reason.UNPARSEABLE, f"CSV syntax error: {exc}",
+                                QuarantineRecord.raw_json(None), f"line {line}"))
+                            continue
                         line = prev + 1
                         prev = reader.line_num
-                        failed.append(QuarantineRecord(
-                            line, Reason.UNPARSEABLE, f"CSV syntax error: {exc}",
-                            QuarantineRecord.raw_json(None), f"line {line}"))
-                        continue
-                    line = prev + 1
-                    prev = reader.line_num
-                    if not row or (len(row) == 1 and row[0].strip() == ""):
-                        continue  # a blank line is not a record
-                    if len(row) != ncol:
-                        failed.append(QuarantineRecord(
-                            line, Reason.UNPARSEABLE,
-                            f"expected {ncol} fields (the header's), found {len(row)}",
-                            _raw(row, self.bad_bytes), f"line {line}"))
-                        continue
-                    if self.bad_bytes and any(_SURROGATE.search(v) for v in row):
-                        failed.append(QuarantineRecord(
-                            line, Reason.BAD_ENCODING,
-                            "bytes that are not UTF-8; re-save the file as UTF-8",
-                            _raw(row, True), f"line {line}"))
-                        continue
-                    if self.has_nul and any("\x00" in v for v in row):
-                        # A NUL past the binary sniff (first 64 KiB): corrupt text, and no
-                        # PostgreSQL text column can hold it.
-                        failed.append(QuarantineRecord(
-                            line, Reason.BAD_ENCODING,
-                            "a NUL character (binary data) in a text file",
-                            _raw(row, self.bad_bytes), f"line {line}"))
-                        continue
-                    rows.append(row)
-                    lines.append(line)
-                if rows or failed:
-                    yield self._chunk(rows, lines, failed, max_items)
+                        if not row or (len(row) == 1 and row[0].strip() == ""):
+                            continue  # a blank line is not a record
+                        if len(row) != ncol:
+                            failed.append(QuarantineRecord(
+                                line, Reason.UNPARSEABLE,
+                                f"expected {ncol} fields (the header's), found {len(row)}",
+                                _raw(row, self.bad_bytes), f"line {line}"))
+                            continue
+                        if self.bad_bytes and any(_SURROGATE.search(v) for v in row):
+                            failed.append(QuarantineRecord(
+                                line, Reason.BAD_ENCODING,
+                                "bytes that are not UTF-8; re-save the file as UTF-8",
+                                _raw(row, True), f"line {line}"))
+                            continue
+                        if self.has_nul and any("\x00" in v for v in row):
+                            # A NUL past the binary sniff (first 64 KiB): corrupt text, and no
+                            # PostgreSQL text column can hold it.
+                            failed.append(QuarantineRecord(
+                                line, Reason.BAD_ENCODING,
+                                "a NUL character (binary data) in a text file",
+                                _raw(row, self.bad_bytes), f"line {line}"))
+                            continue
+                        rows.append(row)
+                        lines.append(line)
+                    chunk = self._chunk(rows, lines, failed, max_items) \
+                        if rows or failed else None
+                finally:
+                    if collecting:
+                        gc.enable()
+                if chunk is not None:
+                    yield chunk
                 if exhausted:
                     return
 

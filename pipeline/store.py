@@ -744,6 +744,12 @@ class Store:
             cur.execute("CREATE TEMP TABLE IF NOT EXISTS _ontrack_identities "
                         "(episode_id, measure, administered_at)")
             cur.execute("DELETE FROM temp._ontrack_identities")
+            # In the unique index's order, so consecutive lookups read neighbouring
+            # pages: records arrive by date, and in file order each lookup lands on
+            # another leaf (200k identities against the 10M store: 1.55-1.65 s in file
+            # order, 1.29-1.39 s sorted, the sort included; with a cold cache 2.45 and
+            # 5.37 s against 1.38 and 1.32 s). Nothing reads the result's order.
+            ident = ident.sort_values(["episode_id", "measure", "administered_at"])
             # Times as the store writes them (SQLAlchemy's SQLite text form), compared
             # as text: equal instants, equal text.
             when = _formatted(ident["administered_at"], _SQL_DATETIME)

@@ -514,7 +514,11 @@ def check_entities(kind: str, frame: pd.DataFrame, ctx: Context) -> Checked:
         m.mark((req["target"] != "").to_numpy() & ~finite, Reason.BAD_VALUE,
                _say("target", req["target"], "a finite number"))
         due = req["due"]
-        due_session = due.str.extract(_SESSION_DUE_RE)[0]
+        # The digits after "session:" where the whole field matches (it is stripped, so
+        # "$" cannot stop before a newline). str.extract built a Python list per row:
+        # 0.16 s per 200k goals against 0.03 s, and the collector then traversed them.
+        due_session = due.str.slice(len("session:")).where(
+            due.str.match(_SESSION_DUE_RE, na=False))
         is_date = due.str.match(_DATE_RE, na=False)
         due_date = pd.to_datetime(due.where(is_date), format="%Y-%m-%d", errors="coerce")
         m.mark((due != "") & due_date.isna() & due_session.isna(), Reason.BAD_VALUE,

@@ -8,8 +8,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from pipeline.config import Settings
+from pipeline.ingest import batch
 from pipeline.scales import Registry
 from pipeline.store import Store
 from tests.conftest import ADM_HEADER, adm_row, ingest, quarantine, write_csv
@@ -23,10 +25,16 @@ def test_year_one_is_bad_date(indir: Path, entities: list[Path], store: Store,
     assert "implausible" in quarantine(store)["detail"].iloc[0]
 
 
+@pytest.mark.parametrize("lookup_limit", [None, 0])
 def test_before_episode_start_is_a_warning_not_a_rejection(
         indir: Path, entities: list[Path], store: Store, settings: Settings,
-        registry: Registry, now: datetime) -> None:
+        registry: Registry, now: datetime, monkeypatch: pytest.MonkeyPatch,
+        lookup_limit: int | None) -> None:
     # E1 starts 2025-01-01: an assessment on 2024-12-20 is accepted with a warning.
+    # Both ways of knowing the start: read for the chunk's few episodes, or (limit 0)
+    # every episode's, kept from the episodes file written earlier in the run.
+    if lookup_limit is not None:
+        monkeypatch.setattr(batch, "LOOKUP_LIMIT", lookup_limit)
     path = write_csv(indir / "a.csv", ADM_HEADER, [
         adm_row(when="2024-12-20T09:00:00"), adm_row(when="2025-01-01T09:00:00")])
     d = ingest([*entities, path], store, settings, registry, now).as_dict()

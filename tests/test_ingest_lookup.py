@@ -99,3 +99,12 @@ def test_context_lookups_follow_additions(registry: Registry) -> None:
                                                                                   True]
     with pytest.raises(TypeError):
         ctx.mapped("clients", ids)
+    # The start dates share the episode index (same keys, same order), and positions
+    # found once serve a mapping of the same ids.
+    ctx.add("episode_start", pd.Series(["e3"]), pd.Series(["2025-03-01"]))
+    starts = ctx.mapped("episode_start", ids)
+    assert starts.tolist()[0] == "2025-02-01" and starts.tolist()[1] == "2025-03-01"
+    assert starts.tolist()[4] == "2025-01-01" and starts.isna().tolist()[2:4] == [True, True]
+    assert ctx._indexes["episode_start"][1] is ctx._indexes["episode_client"][1]
+    pos, _ = ctx.positions("episode_client", ids)
+    assert ctx.mapped("episode_client", ids, pos).tolist()[:2] == ["c2", "c3"]

@@ -702,9 +702,14 @@ class Store:
         return pd.concat(frames, ignore_index=True) if frames else \
             pd.DataFrame(columns=list(table.c.keys()))
 
-    def administration_keys(self, conn: Connection, identities: pd.DataFrame) -> pd.DataFrame:
+    def administration_keys(self, conn: Connection, identities: pd.DataFrame,
+                            up_to: int | None = None) -> pd.DataFrame:
         """Identity and content of the stored administrations with these identities
-        (``episode_id, measure, administered_at``), found through the unique index."""
+        (``episode_id, measure, administered_at``), found through the unique index.
+
+        ``up_to`` (SQLite only): only rows whose ``admin_id`` is at most this, i.e. those
+        stored before a later insert (:meth:`last_admin_id`).
+        """
         cols = [administrations.c.episode_id, administrations.c.measure,
                 administrations.c.administered_at, administrations.c.session_number,
                 administrations.c.total_supplied,
@@ -712,7 +717,9 @@ class Store:
         names = [c.name for c in cols]
         ident = identities.drop_duplicates()
         if conn.dialect.name == "sqlite":
-            return self._keys_by_join(conn, ident, names)
+            return self._keys_by_join(conn, ident, names, up_to)
+        if up_to is not None:
+            raise ValueError("administration_keys(up_to=...) is for SQLite")
         # Episode IN (...) AND time IN (...), 2,000 identities at a time: a superset of
         # the identities (the caller matches them exactly) that the unique index answers
         # by itself, reading table rows only for matches. (A row-value IN list makes
@@ -733,7 +740,8 @@ class Store:
             ["episode_id", "measure", "administered_at"], ignore_index=True)
 
     @staticmethod
-    def _keys_by_join(conn: Connection, ident: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    def _keys_by_join(conn: Connection, ident: pd.DataFrame, names: list[str],
+                      up_to: int | None = None) -> pd.DataFrame:
         """:meth:`administration_keys` on SQLite: the identities go into a temporary
         table, joined to the store through the unique index, one lookup each. The
         IN-list query visits every stored administration of each listed episode (10k
@@ -761,7 +769,9 @@ class Store:
                 f"SELECT {', '.join(f'a.{n}' for n in names)} "
                 "FROM temp._ontrack_identities i CROSS JOIN administrations a "
                 "ON a.episode_id = i.episode_id AND a.measure = i.measure "
-                "AND a.administered_at = i.administered_at").fetchall()
+                "AND a.administered_at = i.administered_at"
+                + ("" if up_to is None else " WHERE a.admin_id <= ?"),
+                () if up_to is None else (int(up_to),)).fetchall()
             cur.execute("DELETE FROM temp._ontrack_identities")
         finally:
             cur.close()
@@ -819,16 +829,37 @@ class Store:
         if rows:
             conn.execute(quarantine.insert(), rows)
 
-    def insert_administrations(self, conn: Connection, frame: pd.DataFrame) -> None:
+    @staticmethod
+    def skips_stored(conn: Connection) -> bool:
+        """Whether :meth:`insert_administrations` can skip identities already stored
+        (``skip_stored``) on this connection: SQLite, by ``ON CONFLICT DO NOTHING``.
+        PostgreSQL's COPY cannot; there the caller looks them up first."""
+        return conn.dialect.name == "sqlite"
+
+    @staticmethod
+    def last_admin_id(conn: Connection) -> int:
+        """The largest ``admin_id`` stored (0 for none): rows inserted later have larger
+        ids (SQLite's rowid is the largest one plus one)."""
+        return int(conn.execute(sa.select(sa.func.max(administrations.c.admin_id)))
+                   .scalar_one() or 0)
+
+    def insert_administrations(self, conn: Connection, frame: pd.DataFrame,
+                               skip_stored: bool = False) -> int | None:
+        """Insert accepted administrations; with ``skip_stored`` (see
+        :meth:`skips_stored`) one whose identity is already stored is skipped.
+
+        Returns the number of rows written on SQLite, else None.
+        """
         if frame.empty:
-            return
+            return 0 if conn.dialect.name == "sqlite" else None
         cols = [c.name for c in administrations.c if c.name != "admin_id"]
         # In the unique index's order: records arrive by date, so in file order each
         # insert lands on a different leaf of the (episode, measure, time) index; sorted,
         # consecutive inserts share leaves. Nothing reads the row ids' order.
         key = ["episode_id", "measure", "administered_at"]
         order = frame[key].reset_index(drop=True).sort_values(key).index.to_numpy()
-        bulk_insert(conn, administrations, frame[cols], positions=order)
+        return bulk_insert(conn, administrations, frame[cols], positions=order,
+                           skip_stored=key if skip_stored else ())
 
     def upsert_entities(self, conn: Connection, kind: str, new: pd.DataFrame,
                         updated: pd.DataFrame) -> None:
@@ -1276,7 +1307,7 @@ def _driver_rows(frame: pd.DataFrame, table: sa.Table, names: Sequence[str], dia
 
 def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
                 chunk_rows: int = 100_000, positions: np.ndarray | None = None,
-                upsert: bool = False) -> None:
+                upsert: bool = False, skip_stored: Sequence[str] = ()) -> int | None:
     """Insert a frame's rows in the connection's transaction, by the driver's fastest
     path: SQLite ``executemany`` of plain tuples, PostgreSQL ``COPY ... FROM STDIN``.
 
@@ -1296,20 +1327,34 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
     row in place (``ON CONFLICT DO UPDATE``) instead of failing. Two rows of the frame
     with one key are refused all the same (:class:`StoreError`), as a plain insert
     refuses them: the second must not silently overwrite the first.
+
+    ``skip_stored`` (SQLite only): the columns of a unique key; a row whose key is
+    already stored is skipped (``ON CONFLICT (key) DO NOTHING``), not refused. Only that
+    key's conflicts are skipped: a NOT NULL or other violation still fails the insert.
+
+    Returns
+    -------
+    int or None
+        On SQLite the number of rows written (the frame's rows, less any skipped);
+        elsewhere None.
     """
-    if upsert and conn.dialect.name != "sqlite":
-        raise ValueError("bulk_insert(upsert=True) is for SQLite; elsewhere delete first")
+    if (upsert or skip_stored) and conn.dialect.name != "sqlite":
+        raise ValueError("bulk_insert(upsert=True or skip_stored) is for SQLite; "
+                         "elsewhere delete or look up first")
+    if upsert and skip_stored:
+        raise ValueError("bulk_insert: upsert and skip_stored are exclusive")
     if positions is not None:
         positions = np.asarray(positions, dtype=np.int64)
-    if frame.empty or (positions is not None and not len(positions)):
-        return
-    names = [str(c) for c in frame.columns]
     dialect = conn.dialect.name
+    if frame.empty or (positions is not None and not len(positions)):
+        return 0 if dialect == "sqlite" else None
+    names = [str(c) for c in frame.columns]
     if dialect not in ("postgresql", "sqlite"):  # any other database: SQLAlchemy's path
         conn.execute(table.insert(), to_records(
             frame if positions is None else frame.iloc[positions]))
-        return
+        return None
     dbapi = conn.connection.driver_connection
+    changes_before = dbapi.total_changes if dialect == "sqlite" else 0  # type: ignore[union-attr]
     quoted = ", ".join(f'"{n}"' for n in names)
     step = max(1, chunk_rows)
     missing_as = _missing_as(conn)
@@ -1325,6 +1370,9 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
         conflict = " ON CONFLICT ({}) DO {}".format(
             ", ".join(f'"{k}"' for k in key),
             f"UPDATE SET {', '.join(values)}" if values else "NOTHING")
+    elif skip_stored:
+        conflict = " ON CONFLICT ({}) DO NOTHING".format(
+            ", ".join(f'"{k}"' for k in skip_stored))
     for lo in range(0, len(frame) if positions is None else len(positions), step):
         part = frame.iloc[lo:lo + step] if positions is None else \
             frame.iloc[positions[lo:lo + step]]
@@ -1341,6 +1389,11 @@ def bulk_insert(conn: Connection, table: sa.Table, frame: pd.DataFrame,
                                 f'({", ".join("?" * len(names))}){conflict}', tuples)
             finally:
                 cur.close()
+    if dialect != "sqlite":
+        return None
+    # No trigger writes in these tables, so the connection's count of changed rows
+    # grew by the rows this insert wrote (an upsert's updates included).
+    return int(dbapi.total_changes - changes_before)  # type: ignore[union-attr]
 
 
 def bulk_update(conn: Connection, table: sa.Table, frame: pd.DataFrame, key: str) -> None:

@@ -299,8 +299,12 @@ def test_a_cycle_scans_no_table_that_grows_with_the_store(tmp_path: Path) -> Non
         compute(store, Settings(), reg, full=True, now=NOW)
         new = tmp_path / "new"
         new.mkdir()
-        next_week(SAMPLE / "administrations.csv", 40).to_csv(new / "administrations.csv",
-                                                              index=False)
+        # One record sent again among the new ones: the ingest then asks the store
+        # which records it already holds (the join through the unique index).
+        again = pd.read_csv(SAMPLE / "administrations.csv", dtype=str, nrows=1,
+                            keep_default_na=False)
+        pd.concat([next_week(SAMPLE / "administrations.csv", 40), again]).to_csv(
+            new / "administrations.csv", index=False)
         later = NOW + timedelta(days=1)
         statements: list[str] = []
         traced: list[Any] = []
@@ -313,6 +317,7 @@ def test_a_cycle_scans_no_table_that_grows_with_the_store(tmp_path: Path) -> Non
             traced.append(dbapi_conn)
 
         ingest_paths([new], store, Settings(), reg, now=later)
+        assert store.read_table("batches")["duplicates"].iloc[-1] == 1
         rep = compute(store, Settings(), reg, now=later)
         sa.event.remove(store.engine, "checkout", trace)
         for dbapi_conn in traced:

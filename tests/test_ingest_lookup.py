@@ -17,7 +17,7 @@ from pipeline.config import Settings
 from pipeline.ingest import batch
 from pipeline.scales import Registry
 from pipeline.store import Store
-from pipeline.synth import SynthConfig, next_week, write_sample
+from pipeline.synth import Dataset, SynthConfig, next_week, write_sample
 from tests.conftest import fresh_store, ingest
 
 TABLES = {"quarantine": ["quarantine_id", "batch_id", "file"],
@@ -34,23 +34,38 @@ def _tables(store: Store) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _other_score(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with another total: the same identity, different answers."""
+    rows = rows.copy()
+    rows["total"] = ["3" if t != "3" else "4" for t in rows["total"]]
+    return rows
+
+
+def _two_files(tmp_path: Path, faulty_rows: int, repeats: bool = False
+               ) -> tuple[Dataset, Path, Path]:
+    """A sample's input, and a second administrations file: a further week for 30
+    episodes, 10 rows already stored (duplicates) and one stored identity with another
+    score (a conflict); with ``repeats``, also the first new record again as is and the
+    second again with another score."""
+    data = write_sample(tmp_path / "s", SynthConfig(episodes=40, therapists=3, seed=5,
+                                                    faulty_rows=faulty_rows))
+    inp = tmp_path / "s" / "input"
+    again = tmp_path / "again"
+    again.mkdir()
+    new = next_week(inp / "administrations.csv", 30)
+    old = pd.read_csv(inp / "administrations.csv", dtype="str", keep_default_na=False)
+    parts = [new, old.iloc[:10], _other_score(old.iloc[[5]])]
+    if repeats:
+        parts += [new.iloc[[0]], _other_score(new.iloc[[1]])]
+    pd.concat(parts).to_csv(again / "administrations.csv", index=False)
+    return data, inp, again
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_per_chunk_lookups_equal_loading_every_id(tmp_path: Path, registry: Registry,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   kind: str) -> None:
-    data = write_sample(tmp_path / "s", SynthConfig(episodes=40, therapists=3, seed=5,
-                                                    faulty_rows=22))
-    inp = tmp_path / "s" / "input"
-    again = tmp_path / "again"
-    again.mkdir()
-    # A second file: a further week for some episodes, plus rows already stored
-    # (duplicates) and one stored identity with another score (a conflict).
-    new = next_week(inp / "administrations.csv", 30)
-    old = pd.read_csv(inp / "administrations.csv", dtype="str", keep_default_na=False)
-    changed = old.iloc[[5]].copy()
-    changed["total"] = "3" if changed["total"].iloc[0] != "3" else "4"
-    pd.concat([new, old.iloc[:10], changed]).to_csv(again / "administrations.csv",
-                                                     index=False)
+    data, inp, again = _two_files(tmp_path, faulty_rows=22)
     settings = Settings(chunk_rows=25)  # several chunks per file
     results = []
     for limit in (0, batch.LOOKUP_LIMIT):  # 0: every chunk loads every id
@@ -108,3 +123,39 @@ def test_context_lookups_follow_additions(registry: Registry) -> None:
     assert ctx._indexes["episode_start"][1] is ctx._indexes["episode_client"][1]
     pos, _ = ctx.positions("episode_client", ids)
     assert ctx.mapped("episode_client", ids, pos).tolist()[:2] == ["c2", "c3"]
+
+
+def test_skipping_stored_identities_equals_looking_them_up_first(
+        tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite a chunk's first records are inserted at once, the stored identities
+    skipped, and the store is asked which were stored only when some were skipped.
+    That must accept, count, quarantine and flag exactly what looking every identity
+    up first does (PostgreSQL's way): with duplicates of stored records, a conflict
+    with one, and a record repeated within the file, same and different."""
+    # No faulty rows: every record of the first file is accepted, so the second file's
+    # counts are known exactly.
+    _, inp, again = _two_files(tmp_path, faulty_rows=0, repeats=True)
+    settings = Settings(chunk_rows=25)  # several chunks per file
+    results = []
+    for skips in (True, False):
+        monkeypatch.setattr(Store, "skips_stored", staticmethod(lambda conn, s=skips: s))
+        with fresh_store("sqlite", tmp_path / f"skip{skips}") as store:
+            reports = [ingest([inp], store, settings, registry),
+                       ingest([again], store, settings, registry)]
+            counts = [(f.records, f.accepted, f.duplicates, f.quarantined,
+                       dict(f.by_reason), dict(f.warnings)) for r in reports for f in r.files
+                      if f.kind == "administrations"]
+            tables = _tables(store)
+            ids = store.read_table("administrations")["admin_id"].sort_values().tolist()
+            results.append((counts, tables, ids))
+    (counts_skip, tables_skip, ids_skip), (counts_look, tables_look, ids_look) = results
+    assert counts_skip == counts_look
+    records, accepted, duplicates, quarantined, by_reason, _ = counts_skip[1]
+    # The second file: 30 new records (a week on), 10 sent again, 1 conflicting with a
+    # stored one, one new record repeated as is and one repeated with another total.
+    assert records == 30 + 10 + 1 + 2
+    assert (accepted, duplicates, quarantined) == (30, 11, 2)
+    assert by_reason == {"conflict": 2}
+    assert ids_skip == ids_look
+    for table in TABLES:
+        pd.testing.assert_frame_equal(tables_skip[table], tables_look[table], obj=table)

@@ -649,6 +649,46 @@ def test_bulk_insert_upsert_updates_stored_keys_in_place(store: Store) -> None:
         assert conn.execute(sa.text("SELECT count(*) FROM scratch_goals")).scalar() == 4
 
 
+def test_bulk_insert_skip_stored_skips_only_that_keys_conflicts(store: Store) -> None:
+    """``skip_stored`` (SQLite): a row whose unique key is stored is skipped and the
+    stored row kept, the others are written and counted; a NOT NULL violation is still
+    refused. PostgreSQL's COPY cannot skip, so asking is an error there."""
+    import pipeline.store as store_module
+
+    table = _scratch_goals()
+    first = pd.DataFrame({"episode_id": ["E1", "E2"], "goal_id": ["G1", "G1"],
+                          "status": ["on_track", "met"], "run_id": [1, 1]})
+    later = pd.DataFrame({"episode_id": ["E1", "E3", "E2", "E4"],
+                          "goal_id": ["G1", "G1", "G2", "G1"],
+                          "status": ["not_met", "at_risk", "met", "met"], "run_id": 2})
+    key = ["episode_id", "goal_id"]
+    with store.transaction() as conn:
+        table.create(conn)
+        written = store_module.bulk_insert(conn, table, first)
+    if store.dialect != "sqlite":
+        assert written is None
+        with pytest.raises(ValueError, match="SQLite"), store.transaction() as conn:
+            store_module.bulk_insert(conn, table, later, skip_stored=key)
+        return
+    assert written == 2
+    with store.transaction() as conn:
+        # Chunks of one row: the count is over every chunk.
+        written = store_module.bulk_insert(conn, table, later, skip_stored=key,
+                                           chunk_rows=1)
+        rows = conn.execute(sa.select(table).order_by(*key)).all()
+    assert written == 3
+    assert [tuple(r) for r in rows] == [
+        ("E1", "G1", "on_track", 1), ("E2", "G1", "met", 1), ("E2", "G2", "met", 2),
+        ("E3", "G1", "at_risk", 2), ("E4", "G1", "met", 2)]
+    refused = store.engine.dialect.loaded_dbapi.IntegrityError
+    with pytest.raises(refused, match="(?i)not.null"), store.transaction() as conn:
+        store_module.bulk_insert(conn, table, later.assign(
+            goal_id="G9", run_id=pd.array([pd.NA, 2, 2, 2], dtype="Int64")),
+            skip_stored=key)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM scratch_goals")).scalar() == 5
+
+
 def test_replacing_a_scope_keeps_other_episodes_and_drops_stale_rows(store: Store) -> None:
     """compute's per-episode write: the scope's rows become exactly the new ones (a
     goal no longer reported is gone, an episode with no rows has none), other

@@ -330,8 +330,21 @@ class _Ingestor:
         later_same = ~first.to_numpy() & (frame["_fp"] == frame["_fp_first"]).to_numpy()
         later_diff = ~first.to_numpy() & ~later_same
 
-        # Against the store.
-        stored = self.store.administration_keys(conn, frame[_IDENTITY])
+        # Against the store. Where the store can skip an identity it holds (SQLite),
+        # the chunk's first records go in at once, and the store is asked which were
+        # already there only when some were skipped: new records (the usual batch)
+        # need no lookup, which was ~19 s of a 10M ingest. Either way the same rows
+        # are written and counted.
+        written: int | None = None
+        if self.store.skips_stored(conn):
+            before = self.store.last_admin_id(conn)
+            firsts_new = frame.loc[first.to_numpy()].assign(batch_id=rep.batch_id)
+            written = self.store.insert_administrations(conn, firsts_new, skip_stored=True)
+            del firsts_new
+            stored = pd.DataFrame() if written == int(first.sum()) else \
+                self.store.administration_keys(conn, frame[_IDENTITY], up_to=before)
+        else:
+            stored = self.store.administration_keys(conn, frame[_IDENTITY])
         if not stored.empty:
             stored["administered_at"] = to_datetimes(stored["administered_at"]) \
                 .astype("datetime64[us]")
@@ -360,7 +373,15 @@ class _Ingestor:
                 for r in bad.to_dict(orient="records")])
         accepted = frame.loc[new].copy()
         accepted["batch_id"] = rep.batch_id
-        self.store.insert_administrations(conn, accepted)
+        if written is None:
+            self.store.insert_administrations(conn, accepted)
+        elif written != len(accepted):
+            # What was written is what the lookup calls new, or the counts would not
+            # reconcile: stop the batch (its transaction rolls back) rather than count
+            # records that are not stored.
+            raise IngestError("administrations written and found new differ; batch "
+                              "rolled back", file=rep.file, written=written,
+                              new=len(accepted))
         rep.accepted += len(accepted)
         # Clinical safety: a risk item raises its flag in this batch's own transaction,
         # not at the next compute (SPEC §8).

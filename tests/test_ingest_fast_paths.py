@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from pipeline.ingest.batch import _CONTENT, _fingerprint
+from pipeline.ingest.batch import _CONTENT, _entity_fp, _fingerprint, _norm
 from pipeline.store import Store, bulk_insert, episodes, goals, plans, read_frame
 from pipeline.validate import _INT_RE, _ints, _Lookup
 
@@ -84,6 +84,39 @@ def test_fingerprint_matches_the_plain_join() -> None:
         assert fp.tolist() == _plain_fingerprint(frame)
         assert list(fp.index) == list(frame.index) and fp.dtype == "str"
     assert _fingerprint(frame.iloc[:0]).empty
+
+
+def _plain_entity_fp(frame: pd.DataFrame, fields: list[str]) -> list[str]:
+    return ["|".join(_norm(v) for v in row)
+            for row in frame[fields].astype(object).itertuples(index=False)]
+
+
+def test_entity_fingerprint_matches_the_plain_join() -> None:
+    """Each field as ``_norm`` writes it, whatever the column holds: text with gaps,
+    integers, nullable integers, floats (-0.0, NaN), dates, date-times, Timestamps,
+    booleans, and object columns of mixed kinds (1, True and 1.0 are equal keys but
+    are written "1", "True" and "1"; a date and a date-time of one day differ)."""
+    frame = pd.DataFrame({
+        "s": pd.array(["a", None, "c", "a", "a|b"], dtype="str"),
+        "i": [1, 2, 3, 1, -7], "I": pd.array([1, None, 3, 1, 1], dtype="Int64"),
+        "fl": [1.0, np.nan, 2.5, -0.0, 1e16],
+        "d": [date(2025, 1, 2), None, date(2025, 1, 2), pd.NaT, date(1999, 12, 31)],
+        "dt": [datetime(2025, 1, 2, 3, 4), None, datetime(2025, 1, 2),
+               datetime(2025, 1, 2, 3, 4), datetime(2025, 1, 2, 3, 4, 5, 6)],
+        "mix": [1, True, 1.0, None, 2.5],
+        "mixd": [date(2025, 1, 1), datetime(2025, 1, 1), None, "x", date(2025, 1, 1)],
+        "b": pd.array([True, None, False, True, True], dtype="boolean"),
+        "bo": [True, False, True, True, False],
+        "ts": pd.to_datetime(["2025-01-01", None, "2025-01-01 10:00", "2025-01-01",
+                              "2025-01-01"], format="ISO8601"),
+        "none": [None] * 5,
+    }, index=np.arange(10, 15))
+    fields = list(frame.columns)
+    fp = _entity_fp(frame, fields)
+    assert fp.tolist() == _plain_entity_fp(frame, fields)
+    assert fp.tolist()[1] == "|2|||||True|2025-01-01T00:00:00||False||"
+    assert list(fp.index) == list(frame.index) and fp.dtype == "str"
+    assert _entity_fp(frame.iloc[:0], fields).empty
 
 
 def test_bulk_insert_stores_dates_as_sqlalchemy_does(store: Store) -> None:

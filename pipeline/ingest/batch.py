@@ -515,11 +515,31 @@ class _Ingestor:
 
 
 def _entity_fp(frame: pd.DataFrame, fields: Sequence[str]) -> pd.Series:
-    parts = [frame[f].astype("object").map(_norm) for f in fields]
-    out = parts[0].astype("str")
-    for p in parts[1:]:
-        out = out + "|" + p.astype("str")
-    return out
+    """A string of an entity's fields, each as :func:`_norm` writes it, joined by "|"."""
+    parts = [_normed(frame[f]) for f in fields]
+    joined = pc.binary_join_element_wise(*parts, "|") if parts else \
+        pa.array([""] * len(frame), pa.string())
+    return pd.Series(pd.array(joined, dtype="str"), index=frame.index)
+
+
+#: What ``infer_dtype`` calls an object column whose values are all of one kind.
+_ONE_KIND = frozenset({"string", "date", "datetime", "integer", "floating", "boolean",
+                       "empty"})
+
+
+def _normed(column: pd.Series) -> pa.Array:
+    """:func:`_norm` of each value as Arrow text, worked out once per distinct value
+    when the column holds one kind of value (equal values, equal text; 2.5M entity
+    rows of a 10M ingest took ~2 us per value one by one), else value by value."""
+    if isinstance(column.dtype, pd.StringDtype):
+        return pa.array(column.fillna("").to_numpy(dtype=object), pa.string())
+    if column.dtype == object and \
+            pd.api.types.infer_dtype(column, skipna=True) not in _ONE_KIND:
+        # e.g. 1 and True, equal as keys but written differently.
+        return pa.array([_norm(v) for v in column], pa.string())
+    codes, uniques = pd.factorize(column)  # a missing value: code -1, the last text
+    text = np.array([*(_norm(u) for u in uniques), ""], dtype=object)
+    return pa.array(text[codes], pa.string())
 
 
 def _norm(v: Any) -> str:

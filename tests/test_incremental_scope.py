@@ -10,6 +10,7 @@ service indicators and the service cells.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date, datetime, timedelta
@@ -341,3 +342,42 @@ def test_a_cycle_scans_no_table_that_grows_with_the_store(tmp_path: Path) -> Non
         assert any("_ontrack_identities" in q for q in selects)  # the ingest's join
         assert any("group_concat" in q for q in selects)  # the columnar reads
         assert not scans, sorted(scans)
+
+
+def test_a_full_run_rebuilds_the_indexes_it_drops(tmp_path: Path) -> None:
+    """A full run writes every row of a per-episode table afresh; on SQLite it drops
+    the table's secondary indexes first and builds them from the rows afterwards. The
+    store ends with every index the schema declares, each holding exactly its table's
+    rows (SQLite's integrity check compares them), and a reader that started before
+    the run's commit still has the old rows and their index."""
+    reg = load_registry()
+    with fresh_store("sqlite", tmp_path / "s") as store:
+        ingest_paths([SAMPLE], store, Settings(), reg, now=NOW)
+        compute(store, Settings(), reg, full=True, now=NOW)
+
+        def indexes() -> set[str]:
+            with store.engine.connect() as conn:
+                return {r[0] for r in conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' "
+                    "AND name NOT LIKE 'sqlite_autoindex%'")}
+
+        declared = {i.name for t in store_module.metadata.sorted_tables for i in t.indexes}
+        assert indexes() == declared
+        assert "ix_episode_service_therapist_id" in declared
+        therapist = store.read_table("episode_service")["therapist_id"].iloc[0]
+        count = ("SELECT count(*) FROM episode_service "
+                 "INDEXED BY ix_episode_service_therapist_id WHERE therapist_id = ?")
+        reader = sqlite3.connect(tmp_path / "s" / "t.db", isolation_level=None)
+        try:
+            reader.execute("BEGIN")  # its snapshot starts at its first read
+            before = reader.execute(count, (therapist,)).fetchone()[0]
+            compute(store, Settings(), reg, full=True, now=NOW + timedelta(days=1))
+            assert reader.execute(count, (therapist,)).fetchone()[0] == before
+            reader.execute("COMMIT")
+        finally:
+            reader.close()
+        assert before and before >= 1
+        assert indexes() == declared
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            assert conn.exec_driver_sql(count, (therapist,)).scalar() == before

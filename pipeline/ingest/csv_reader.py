@@ -103,11 +103,12 @@ class CsvFile:
 
     def _plain_chunks(self, chunk_rows: int, max_items: int) -> Iterator[RawChunk]:
         """A plain file's chunks: ``chunk_rows`` lines at a time, split by Arrow's CSV
-        parser (no quoting: there are no quotes) when each line is a record of the
-        header's width, which is all a plain file's reading can do; a chunk with any
-        other line (blank, too few or many fields) is read by the csv module instead,
-        as every non-plain file is. Reading 9.9M records' frames by the csv module took
-        ~26 s of a 10M ingest, most of it building the frame from its rows' lists."""
+        parser (without quoting: the file has no quotes) when every line of the chunk
+        is a record of the header's width. A chunk with any other line (blank, too few
+        or too many fields) is read by the csv module instead, as a file that is not
+        plain is, so quarantine reasons and line numbers come from one place. By the
+        csv module, 9.9M records took ~26 s of a 10M ingest, most of it building the
+        frame from the rows' lists."""
         with self.path.open("rb") as fh:
             fh.readline()  # the header: one line, already parsed
             line = 2

@@ -321,14 +321,20 @@ class _Ingestor:
         frame = score_administrations(frame, self.registry)
         frame = validate_scored(frame, self.registry)
         frame = frame.sort_values("_line", kind="stable").reset_index(drop=True)
-        frame["_fp"] = _fingerprint(frame)
 
-        # Within the chunk: the first of an identity stands for the rest.
-        first = ~frame.duplicated(_IDENTITY, keep="first")
-        firsts = frame.loc[first, [*_IDENTITY, "_fp"]].rename(columns={"_fp": "_fp_first"})
-        frame = frame.merge(firsts, on=_IDENTITY, how="left")
-        later_same = ~first.to_numpy() & (frame["_fp"] == frame["_fp_first"]).to_numpy()
-        later_diff = ~first.to_numpy() & ~later_same
+        # Within the chunk: the first of an identity stands for the rest. Answers are
+        # compared (by fingerprint) only where an identity repeats, in the chunk or
+        # in the store: a chunk of new records needs none (~6 s of a 10M ingest).
+        first = ~frame.duplicated(_IDENTITY, keep="first").to_numpy()
+        later_same = np.zeros(len(frame), dtype=bool)
+        later_diff = later_same.copy()
+        if not first.all():
+            frame["_fp"] = _fingerprint(frame)
+            firsts = frame.loc[first, [*_IDENTITY, "_fp"]].rename(
+                columns={"_fp": "_fp_first"})
+            frame = frame.merge(firsts, on=_IDENTITY, how="left")
+            later_same = ~first & (frame["_fp"] == frame["_fp_first"]).to_numpy()
+            later_diff = ~first & ~later_same
 
         # Against the store. Where the store can skip an identity it holds (SQLite),
         # the chunk's first records go in at once, and the store is asked which were
@@ -338,7 +344,7 @@ class _Ingestor:
         written: int | None = None
         if self.store.skips_stored(conn):
             before = self.store.last_admin_id(conn)
-            firsts_new = frame.loc[first.to_numpy()].assign(batch_id=rep.batch_id)
+            firsts_new = frame.loc[first].assign(batch_id=rep.batch_id)
             written = self.store.insert_administrations(conn, firsts_new, skip_stored=True)
             del firsts_new
             stored = pd.DataFrame() if written == int(first.sum()) else \
@@ -346,19 +352,22 @@ class _Ingestor:
         else:
             stored = self.store.administration_keys(conn, frame[_IDENTITY])
         if not stored.empty:
+            if "_fp" not in frame.columns:
+                frame["_fp"] = _fingerprint(frame)
             stored["administered_at"] = to_datetimes(stored["administered_at"]) \
                 .astype("datetime64[us]")
             stored["_fp_stored"] = _fingerprint(stored)
             frame = frame.merge(stored[[*_IDENTITY, "_fp_stored"]], on=_IDENTITY, how="left")
+            in_store = frame["_fp_stored"].notna().to_numpy()
+            store_same = in_store & \
+                (frame["_fp"] == frame["_fp_stored"]).fillna(False).to_numpy()
         else:
-            frame["_fp_stored"] = pd.Series(pd.NA, index=frame.index, dtype="str")
-        in_store = frame["_fp_stored"].notna().to_numpy()
-        store_same = in_store & (frame["_fp"] == frame["_fp_stored"]).fillna(False).to_numpy()
+            in_store = store_same = np.zeros(len(frame), dtype=bool)
 
-        duplicate = (first.to_numpy() & store_same) | (later_same & ~(in_store & ~store_same))
-        conflict = (first.to_numpy() & in_store & ~store_same) | later_diff | \
+        duplicate = (first & store_same) | (later_same & ~(in_store & ~store_same))
+        conflict = (first & in_store & ~store_same) | later_diff | \
             (later_same & in_store & ~store_same)
-        new = first.to_numpy() & ~in_store
+        new = first & ~in_store
 
         rep.duplicates += int(duplicate.sum())
         if conflict.any():

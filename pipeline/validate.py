@@ -409,7 +409,9 @@ def administration_schema(registry: Registry) -> pa.DataFrameSchema:
     tmin = {c: s.total_min for c, s in registry.items()}
 
     def score_in_range(df: pd.DataFrame) -> pd.Series:
-        return (df["score"] >= df["measure"].map(tmin)) & (df["score"] <= df["measure"].map(tmax))
+        # By _Lookup, not Series.map: half of this schema's time at 1M rows.
+        by_measure = _Lookup(df["measure"])
+        return (df["score"] >= by_measure(tmin)) & (df["score"] <= by_measure(tmax))
 
     return pa.DataFrameSchema(
         {

@@ -246,3 +246,37 @@ def test_too_many_missing_items_quarantined(indir: Path, entities: list[Path], s
     assert q["reason"].tolist() == ["too_many_missing_items"]
     assert q["line"].tolist() == [2]
     assert administrations(store).empty
+
+
+def _scored(registry: Registry, measures: list[str], scores: list[int]) -> pd.DataFrame:
+    """Scored administrations as validate_scored receives them (totals only)."""
+    n = len(measures)
+    frame = pd.DataFrame({
+        "episode_id": pd.array([f"E{i}" for i in range(n)], dtype="str"),
+        "measure": pd.array(measures, dtype="str"),
+        "administered_at": pd.to_datetime(["2026-01-05 10:00"] * n).astype("datetime64[us]"),
+        "session_number": pd.array([1] * n, dtype="Int64"),
+        "total_supplied": pd.array(scores, dtype="Int64"),
+        **{f"item_{i}": pd.array([None] * n, dtype="Int64")
+           for i in range(1, registry.max_items + 1)},
+        "score": np.array(scores, dtype=np.int64), "prorated": False,
+        "n_missing": np.zeros(n, dtype=np.int64), "has_items": False,
+        "risk": pd.array(["unknown"] * n, dtype="str"),
+        "risk_value": pd.array([None] * n, dtype="Int64"), "total_mismatch": False})
+    return frame
+
+
+def test_the_scored_schema_checks_each_score_against_its_scale(registry: Registry) -> None:
+    """The boundary contract of scored rows: a score inside its own scale's range
+    passes (PHQ-9 0-27, GAD-7 0-21, both ends); one outside it, or one within another
+    scale's range only (GAD-7 27), is a bug that stops the batch."""
+    from pipeline.errors import ValidationError
+    from pipeline.validate import validate_scored
+
+    ok = _scored(registry, ["PHQ-9", "PHQ-9", "GAD-7", "GAD-7"], [0, 27, 0, 21])
+    assert (registry["PHQ-9"].total_max, registry["GAD-7"].total_max) == (27, 21)
+    assert validate_scored(ok, registry)["score"].tolist() == [0, 27, 0, 21]
+    for measures, scores in ((["PHQ-9", "GAD-7"], [27, 22]), (["PHQ-9", "GAD-7"], [-1, 3]),
+                             (["GAD-7", "PHQ-9", "GAD-7"], [27, 5, 1])):
+        with pytest.raises(ValidationError, match="score_in_scale_range"):
+            validate_scored(_scored(registry, measures, scores), registry)

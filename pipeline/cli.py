@@ -379,7 +379,7 @@ def cmd_demo_users(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.errors import AlreadyRunning
-    from pipeline.jobs import run_cycle
+    from pipeline.jobs import run_cycle, stop_on_signals
 
     def progress(files: list[Path]) -> Any:
         if not sys.stderr.isatty():
@@ -388,12 +388,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
         return tqdm(files, desc="ingest", unit="file")
 
-    import signal
     import threading
 
     stop = threading.Event()  # SIGTERM/SIGINT: finish the current file, then stop
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     try:
         res = run_cycle(settings, load_registry(), inbox=Path(args.inbox) if args.inbox
                         else None, wait=args.wait, progress=progress, stop=stop)

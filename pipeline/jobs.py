@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow
 import sqlalchemy as sa
 
 from pipeline.compute import compute
@@ -114,6 +115,19 @@ def _move(path: Path, folder: Path, reason: str | None) -> Path:
         target.with_name(target.name + ".reason.txt").write_text(reason + "\n",
                                                                  encoding="utf-8")
     return target
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the file being ingested is finished, then the
+    job stops (call from the main thread).
+
+    Arrow's own handlers are turned off for the process: while Arrow reads a CSV chunk
+    they would take the signal and cancel the read (``ArrowCancelled``), failing the
+    file instead of finishing it.
+    """
+    pyarrow.enable_signal_handlers(False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def run_cycle(settings: Settings, registry: Registry, *, inbox: Path | None = None,
@@ -249,8 +263,7 @@ def schedule(settings: Settings, registry: Registry, *, trigger: Any = None,
                                               "running"), EVENT_JOB_MAX_INSTANCES)
     sched.add_job(job, trig, id="cycle")
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        stop_on_signals(stop)
     sched.start()
     log.info("scheduler started", extra={"cron": settings.schedule_cron})
     try:

@@ -362,24 +362,25 @@ def _replace(conn: sa.Connection, table: sa.Table, frame: pd.DataFrame,
             conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900]),
                                               table.c.run_id != run_id))
         return stored
+    rebuilt: list[sa.Index] = []
     if scope is None:
         conn.execute(table.delete())
-        if conn.dialect.name == "sqlite" and table.indexes:
+        if conn.dialect.name == "sqlite":
             # Every row is new: the secondary indexes are built once from the rows,
             # not entry by entry in the rows' (episode) order (episode_service's
             # therapist index, 560k rows: insert 2.95 -> 1.40 s, the build included).
             # Inside the run's transaction, so a reader sees the old table and its
             # indexes until the commit. (PostgreSQL would lock its readers out.)
-            for index in table.indexes:
+            rebuilt = list(table.indexes)
+            for index in rebuilt:
                 index.drop(conn)
-            stored = _insert(conn, table, frame, run_id, keep=keep)
-            for index in table.indexes:
-                index.create(conn)
-            return stored
     else:
         for i in range(0, len(scope), 900):
             conn.execute(table.delete().where(table.c.episode_id.in_(scope[i:i + 900])))
-    return _insert(conn, table, frame, run_id, keep=keep)
+    stored = _insert(conn, table, frame, run_id, keep=keep)
+    for index in rebuilt:
+        index.create(conn)
+    return stored
 
 
 def changed_episodes(before: pd.DataFrame, after: pd.DataFrame, values: list[str]

@@ -342,12 +342,12 @@ class _Ingestor:
         # need no lookup, which was ~19 s of a 10M ingest. Either way the same rows
         # are written and counted.
         written: int | None = None
+        sent: pd.DataFrame | None = None  # the chunk's first records, as inserted
         if self.store.skips_stored(conn):
             before = self.store.last_admin_id(conn)
-            firsts_new = frame.loc[first].assign(batch_id=rep.batch_id)
-            written = self.store.insert_administrations(conn, firsts_new, skip_stored=True)
-            del firsts_new
-            stored = pd.DataFrame() if written == int(first.sum()) else \
+            sent = frame.loc[first].assign(batch_id=rep.batch_id)
+            written = self.store.insert_administrations(conn, sent, skip_stored=True)
+            stored = pd.DataFrame() if written == len(sent) else \
                 self.store.administration_keys(conn, frame[_IDENTITY], up_to=before)
         else:
             stored = self.store.administration_keys(conn, frame[_IDENTITY])
@@ -380,8 +380,10 @@ class _Ingestor:
                                  f"{chunk.frame.attrs.get('location_label', 'line')} "
                                  f"{int(r['_line'])}")
                 for r in bad.to_dict(orient="records")])
-        accepted = frame.loc[new].copy()
-        accepted["batch_id"] = rep.batch_id
+        # Nothing stored and no repeat: the rows just written are the accepted ones.
+        accepted = sent if sent is not None and stored.empty else \
+            frame.loc[new].assign(batch_id=rep.batch_id)
+        del sent
         if written is None:
             self.store.insert_administrations(conn, accepted)
         elif written != len(accepted):

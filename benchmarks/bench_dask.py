@@ -49,19 +49,19 @@ def build(base: Path, episodes: int, copies: int, partitions: int) -> int:
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    writers = [pq.ParquetWriter(base / f"part-{i:05d}.parquet", SCHEMA)
-               for i in range(partitions)]
+    # As ``ontrack export-parquet`` writes them: an episode's rows in one file, each
+    # file in (episode_id, measure, administered_at) order.
+    frame = pd.concat([one.assign(episode_id=one["episode_id"] + f"-{c}")
+                       for c in range(copies)], ignore_index=True)
+    part = partition_of(frame["episode_id"], partitions)
     rows = 0
-    for c in range(copies):
-        frame = one.assign(episode_id=one["episode_id"] + f"-{c}")
-        part = partition_of(frame["episode_id"], partitions)
-        for i in range(partitions):
-            writers[i].write_table(pa.Table.from_pandas(frame[part == i], schema=SCHEMA,
-                                                        preserve_index=False))
-        rows += len(frame)
-    for w in writers:
-        w.close()
-    (base / "_ontrack.json").write_text(json.dumps({"rows": rows}) + "\n")
+    for i in range(partitions):
+        chunk = frame[part == i].sort_values(["episode_id", "measure", "administered_at"],
+                                             kind="stable")
+        pq.write_table(pa.Table.from_pandas(chunk, schema=SCHEMA, preserve_index=False),
+                       base / f"part-{i:05d}.parquet")
+        rows += len(chunk)
+    (base / "_ontrack.json").write_text(json.dumps({"rows": rows, "order": "key"}) + "\n")
     return rows
 
 
@@ -81,7 +81,9 @@ def dataset(args: argparse.Namespace) -> tuple[Path, int]:
     base = Path(args.dir) / f"{args.episodes}x{args.copies}p{args.partitions}"
     meta = base / "_ontrack.json"
     if meta.exists():
-        return base, json.loads(meta.read_text())["rows"]
+        known = json.loads(meta.read_text())
+        if known.get("order") == "key":  # else an older layout (ingest order): rebuilt
+            return base, known["rows"]
     t = time.perf_counter()
     rows = build(base, args.episodes, args.copies, args.partitions)
     print(f"built {rows:,} rows in {time.perf_counter() - t:.0f} s")

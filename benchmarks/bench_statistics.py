@@ -4,7 +4,11 @@ The step ``compute`` runs between reading the store and writing the results: ord
 the administrations into episode x measure groups, the whole-store reference (baseline
 SDs, expected recovery curves) and every episode x measure outcome with its sudden
 gains and losses (``pipeline.stats``). Input: ``bench_dask.py``'s Parquet dataset
-(built if missing), read once into one frame, so no read or write is timed. Each
+(built if missing), read once into one frame, so no read or write is timed. The frame
+is timed in two row orders (each put in place before the clock starts): ``ingest``,
+rows in time order as the store's full compute reads them (the statistics sort them
+into groups), and ``key``, rows in (episode_id, measure, administered_at) order as
+``ontrack export-parquet`` writes each file (the groups are found without a sort). Each
 repeat runs the three parts in one process, as ``compute`` does (the outcomes over runs
 of groups in ``--threads`` threads: 1, and one per CPU, by default);
 medians and min-max are printed with the ratios to the issue's target (2 s) and to its
@@ -12,11 +16,12 @@ physical floor for the simpler statistics (0.21 s: reading the columns and one g
 pass), and the peak RSS.
 
 Run: ``.venv/bin/python benchmarks/bench_statistics.py [--copies 10] [--repeat 3]
-[--threads 1,0]``
+[--threads 1,0] [--orders ingest,key]``
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
 import statistics
 import time
@@ -27,8 +32,8 @@ from benchmarks.bench_dask import dataset, dataset_arguments
 from pipeline.compute import build_reference
 from pipeline.config import load_settings
 from pipeline.parquet import read_partition
-from pipeline.scales import load_registry
-from pipeline.stats.groups import group_administrations
+from pipeline.scales import Registry, load_registry
+from pipeline.stats.groups import group_administrations, in_group_order
 from pipeline.stats.outcomes import episode_outcomes_in_parts
 
 FLOOR_S, TARGET_S = 0.21, 2.0
@@ -39,13 +44,26 @@ def main() -> None:
     ap.add_argument("--threads", default="1,0",
                     help="thread counts to time, comma-separated (0: one per CPU, as "
                          "compute does by default)")
+    ap.add_argument("--orders", default="ingest,key",
+                    help="row orders to time: ingest (time order), key (group order)")
     args = ap.parse_args()
     base, rows = dataset(args)
-    a = pd.concat([read_partition(p) for p in sorted(base.glob("part-*.parquet"))],
-                  ignore_index=True)
-    ended = a.loc[a["ended"], "episode_id"]
-    a = a.drop(columns="ended")
+    whole = pd.concat([read_partition(p) for p in sorted(base.glob("part-*.parquet"))],
+                      ignore_index=True)
+    ended = whole.loc[whole["ended"], "episode_id"]
+    whole = whole.drop(columns="ended")
     registry = load_registry()
+    for order in args.orders.split(","):
+        keys = {"ingest": ["administered_at"],
+                "key": ["episode_id", "measure", "administered_at"]}[order]
+        a = whole.sort_values(keys, kind="stable", ignore_index=True)
+        print(f"rows in {order} order (in group order already: {in_group_order(a)})")
+        _time(a, ended, registry, rows, args)
+        del a
+
+
+def _time(a: pd.DataFrame, ended: pd.Series, registry: Registry, rows: int,
+          args: argparse.Namespace) -> None:
     for threads_arg in (int(t) for t in args.threads.split(",")):
         settings = load_settings(env={"ONTRACK_COMPUTE_THREADS": str(threads_arg)})
         threads = settings.threads()

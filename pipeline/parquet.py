@@ -3,8 +3,13 @@
 ``ontrack export-parquet --out DIR`` writes ``DIR/part-00000.parquet`` ... : every row of
 an episode lands in the same file (partition = a stable hash of the episode id), which is
 what the per-partition statistics need, whether run by the pandas engine or on a Dask
-cluster. This is an *internal* dataset for compute (identifiable ids, exact dates): keep
-it where the store is; the research export is :mod:`pipeline.export`.
+cluster. Within a file the rows are in (episode_id, measure, administered_at) order
+(byte order of the text; on SQLite across the whole file, on PostgreSQL within each
+block of episodes, whose order follows the database's collation), so the statistics
+find the episode x measure groups without sorting (see
+:func:`pipeline.stats.groups.group_administrations`). This is an *internal* dataset for
+compute (identifiable ids, exact dates): keep it where the store is; the research
+export is :mod:`pipeline.export`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sqlalchemy as sa
 
 from pipeline.columns import to_datetimes
 from pipeline.errors import UsageError
+from pipeline.stats.groups import in_group_order
 from pipeline.store import Store, administrations, episodes, read_frame
 
 __all__ = ["SCHEMA", "partition_of", "read_partition", "write_parquet_dataset"]
@@ -65,7 +71,9 @@ def write_parquet_dataset(store: Store, out_dir: Path, partitions: int = 8,
                     administrations.c.administered_at, administrations.c.session_number,
                     administrations.c.score)
                     .where(administrations.c.episode_id.between(lo, hi)
-                           & administrations.c.score.is_not(None)), raw=True)
+                           & administrations.c.score.is_not(None))
+                    .order_by(administrations.c.episode_id, administrations.c.measure,
+                              administrations.c.administered_at), raw=True)
                 if a.empty:
                     continue
                 ended = set(block.loc[block["end_date"].notna(), "episode_id"])
@@ -78,6 +86,11 @@ def write_parquet_dataset(store: Store, out_dir: Path, partitions: int = 8,
                     "score": pd.to_numeric(a["score"]).astype("int64"),
                 })
                 frame["ended"] = frame["episode_id"].isin(ended)
+                if not in_group_order(frame):
+                    # The database's collation, not byte order (PostgreSQL's locales).
+                    frame = frame.sort_values(
+                        ["episode_id", "measure", "administered_at"], kind="stable",
+                        ignore_index=True)
                 part = partition_of(frame["episode_id"], partitions)
                 for i in np.unique(part):
                     table = pa.Table.from_pandas(frame[part == i], schema=SCHEMA,

@@ -5,6 +5,7 @@ reduction of mergeable aggregates, on a 2-worker ``LocalCluster``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,3 +158,41 @@ def test_a_rerun_with_fewer_partitions_leaves_no_stale_results(dataset: Any) -> 
     compute_parquet(few, out, dataset["settings"], dataset["registry"])
     assert len(list((out / "outcomes").glob("part-*.parquet"))) == 2
     assert len(read_results(out, "outcomes")) == len(dataset["outcomes"])
+
+
+def test_parquet_files_are_in_group_order(dataset: Any) -> None:
+    """Each file's rows are in (episode_id, measure, administered_at) order, so the
+    statistics group them without a sort."""
+    from pipeline.stats.groups import group_administrations, in_group_order
+
+    for f in sorted((dataset["dir"] / "parquet").glob("part-*.parquet")):
+        frame = read_partition(f)
+        assert in_group_order(frame)
+        assert group_administrations(frame).offset == 0
+        expected = frame.sort_values(["episode_id", "measure", "administered_at"],
+                                     kind="stable", ignore_index=True)
+        pd.testing.assert_frame_equal(frame, expected)
+
+
+def test_parquet_export_orders_rows_the_database_returns_in_another_order(
+        dataset: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that come back in another order (e.g. PostgreSQL's locale collation, where
+    "E1 " sorts differently) are put in key order before they are written."""
+    import pipeline.parquet as parquet
+    from pipeline.stats.groups import in_group_order
+
+    real = parquet.read_frame
+
+    def shuffled(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        frame = real(*args, **kwargs)
+        if "score" in frame.columns:
+            frame = frame.sample(frac=1, random_state=1).reset_index(drop=True)
+        return frame
+
+    monkeypatch.setattr(parquet, "read_frame", shuffled)
+    write_parquet_dataset(dataset["store"], tmp_path / "p", partitions=3,
+                          chunk_episodes=10_000)
+    files = sorted((tmp_path / "p").glob("part-*.parquet"))
+    frames = [read_partition(f) for f in files]
+    assert all(in_group_order(f) for f in frames)
+    assert sum(len(f) for f in frames) == dataset["meta"]["rows"]

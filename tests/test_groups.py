@@ -3,6 +3,8 @@ and administration numbers as a plain stable sort of the text keys, by any input
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,3 +148,106 @@ def test_missing_keys_are_refused() -> None:
     a.loc[3, "measure"] = None
     with pytest.raises(UsageError, match="without an episode_id or a measure"):
         group_administrations(a)
+
+
+def _slow(monkeypatch: pytest.MonkeyPatch, a: pd.DataFrame) -> Any:
+    """The sorting path on the same rows (the ordered-input check turned off)."""
+    import pipeline.stats.groups as groups
+
+    with monkeypatch.context() as m:
+        m.setattr(groups, "_boundaries_if_ordered", lambda *_: None)
+        return group_administrations(a)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_rows_already_in_group_order_give_the_sorted_paths_groups(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows in key order (as the Parquet export writes them) are grouped without a sort:
+    every array equals the sorting path's, the order is the identity, and the column
+    readers give the same values as read-only slices (per part too)."""
+    a = frame(seed).sort_values(["episode_id", "measure", "administered_at"],
+                                kind="stable", ignore_index=True)
+    a["row"] = np.arange(len(a))
+    fast, slow = group_administrations(a), _slow(monkeypatch, a)
+    assert fast.offset == 0 and slow.offset is None
+    assert fast.order.tolist() == list(range(len(a))) == slow.order.tolist()
+    for name in ("gid", "starts", "ends", "k", "mcode"):
+        assert getattr(fast, name).tolist() == getattr(slow, name).tolist(), name
+    assert list(fast.measures) == list(slow.measures) == sorted(set(a["measure"]))
+    pd.testing.assert_frame_equal(fast.heads, slow.heads)
+    score = fast.values("score")
+    assert score.tolist() == slow.values("score").tolist()
+    with pytest.raises(ValueError, match="read-only"):
+        score[0] = 99
+    assert a["score"].tolist() == slow.values("score").tolist()  # the source unchanged
+    for p_fast, p_slow in zip(fast.split(3), slow.split(3), strict=True):
+        assert p_fast.values("row").tolist() == p_slow.values("row").tolist()
+        assert p_fast.first(["episode_id"]).equals(p_slow.first(["episode_id"]))
+
+
+@pytest.mark.parametrize("swap", ["episode", "measure", "time"])
+def test_one_row_out_of_order_takes_the_sorting_path(swap: str) -> None:
+    """One pair of rows out of order, by any of the three keys, is noticed: the result
+    is the stable sort's, not the input order."""
+    a = pd.DataFrame({
+        "episode_id": pd.array(["E1", "E1", "E1", "E2", "E2", "E3"], dtype="str"),
+        "measure": pd.array(["GAD-7", "PHQ-9", "PHQ-9", "GAD-7", "GAD-7", "PHQ-9"],
+                            dtype="str"),
+        "administered_at": pd.to_datetime(["2026-01-01", "2026-01-01", "2026-01-08",
+                                           "2026-01-01", "2026-01-08", "2026-01-01"])
+        .astype("datetime64[us]"),
+        "row": np.arange(6)})
+    assert group_administrations(a).offset == 0
+    i = {"episode": 2, "measure": 0, "time": 3}[swap]  # swap rows i and i + 1
+    a.iloc[[i, i + 1]] = a.iloc[[i + 1, i]].to_numpy()
+    a["row"] = a["row"].astype(np.int64)
+    g = group_administrations(a)
+    expected = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    assert g.offset is None
+    assert g.frame["row"].tolist() == expected["row"].tolist()
+
+
+def test_text_not_in_arrow_storage_takes_the_sorting_path() -> None:
+    a = frame(8).sort_values(["episode_id", "measure", "administered_at"], kind="stable",
+                             ignore_index=True)
+    a["episode_id"] = a["episode_id"].astype(object)
+    g = group_administrations(a)
+    assert g.offset is None and g.order.tolist() == list(range(len(a)))
+
+
+def test_outcomes_of_rows_in_group_order_equal_those_of_rows_in_any_order() -> None:
+    """The statistics on rows already in key order (no sort, columns read as slices) are
+    those of the same rows in ingest order, reference and sudden changes included."""
+    from pipeline.compute import build_reference
+    from pipeline.config import Settings
+    from pipeline.scales import load_registry
+    from pipeline.stats.outcomes import episode_outcomes_in_parts
+    from pipeline.synth import SynthConfig, generate
+
+    data = generate(SynthConfig(episodes=300, therapists=5, seed=5))
+    adm = data.administrations
+    items = adm[[f"item_{i}" for i in range(1, 10)]].astype("Float64")
+    total = pd.to_numeric(adm["total"], errors="coerce")
+    a = pd.DataFrame({
+        "episode_id": adm["episode_id"].astype("str"), "measure": adm["measure"].astype("str"),
+        "administered_at": pd.to_datetime(adm["administered_at"]).astype("datetime64[us]"),
+        "session_number": adm["session_number"].astype("Int64"),
+        "score": np.where(total.notna(), total, items.sum(axis=1, skipna=True).round())
+        .astype(np.int64)})
+    ordered = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable",
+                            ignore_index=True)
+    ended = data.episodes.loc[data.episodes["end_date"] != "", "episode_id"].astype("str")
+    settings, registry = Settings(), load_registry()
+    results = []
+    for rows in (a, ordered):
+        g = group_administrations(rows)
+        reference, _ = build_reference(rows, ended, registry, settings, grouped=g)
+        results.append((g.offset, reference, *episode_outcomes_in_parts(
+            rows, registry, settings, reference, g, threads=2, min_groups=0)))
+    (off_a, ref_a, out_a, sud_a), (off_o, ref_o, out_o, sud_o) = results
+    assert off_a is None and off_o == 0
+    assert len(out_a) > 500 and len(sud_a) > 10
+    assert ref_o.sd == ref_a.sd and ref_o.sd_source == ref_a.sd_source
+    pd.testing.assert_frame_equal(ref_o.curves, ref_a.curves)
+    pd.testing.assert_frame_equal(out_o, out_a)
+    pd.testing.assert_frame_equal(sud_o, sud_a)

@@ -749,3 +749,44 @@ def test_bulk_update_stores_what_sqlalchemy_update_stores(store: Store) -> None:
     assert [r["state"] for r in rows] == ["acknowledged", "open", "resolved"]
     assert pd.isna(rows[0]["at"]) and pd.isna(rows[2]["score"]) and rows[0]["score"] == 2.25
     assert str(rows[2]["at"]).startswith("2026-02-01") and rows[1]["score"] == 1.5
+
+
+def test_item_columns_no_row_answers_are_left_out_and_stored_as_null(
+        indir: Path, entities: list[Path], store: Store, settings: Settings,
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An insert leaves out the item columns none of its rows answers (a GAD-7 file
+    with totals only: every item; PHQ-9 answers: items 10-20); they are stored as
+    NULL, and the answered ones as given, the same as a row that leaves them blank."""
+    import pipeline.store as store_module
+
+    sent: list[list[str]] = []
+    real = store_module.bulk_insert
+
+    def spy(conn: Any, table: sa.Table, frame: pd.DataFrame, **kw: Any) -> Any:
+        if table.name == "administrations":
+            sent.append(list(frame.columns))
+        return real(conn, table, frame, **kw)
+
+    monkeypatch.setattr(store_module, "bulk_insert", spy)
+    totals = write_csv(indir / "gad.csv", ADM_HEADER, [
+        adm_row("E1", "GAD-7", "2025-02-01T10:00:00", items=None, total=12),
+        adm_row("E2", "GAD-7", "2025-02-01T11:00:00", items=None, total=7)])
+    answers = write_csv(indir / "phq.csv", ADM_HEADER, [
+        adm_row("E1", "PHQ-9", "2025-02-01T10:00:00", items=(3, 2, 1, 0, 1, 2, 3, 0, 1)),
+        adm_row("E2", "PHQ-9", "2025-02-01T11:00:00", items=(0, 1, 0, 1, 0, 1, 0, 1, 0))])
+    ingest([*entities, totals, answers], store, settings, registry)
+    items = [f"item_{i}" for i in range(1, 21)]
+    assert [[c for c in cols if c.startswith("item_")] for cols in sent] == \
+        [[], items[:9]]
+    a = administrations(store).sort_values(["measure", "episode_id"])
+    assert a["measure"].tolist() == ["GAD-7", "GAD-7", "PHQ-9", "PHQ-9"]
+    assert a["score"].tolist() == [12, 7, 13, 4]
+    for i, name in enumerate(items):
+        values = [None if pd.isna(v) else int(v) for v in a[name]]
+        expected = [None, None, (3, 2, 1, 0, 1, 2, 3, 0, 1)[i] if i < 9 else None,
+                    (0, 1, 0, 1, 0, 1, 0, 1, 0)[i] if i < 9 else None]
+        assert values == expected, name
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM administrations WHERE "
+                                    + " OR ".join(f"{n} IS NOT NULL" for n in items[9:]))
+                            ).scalar() == 0

@@ -299,7 +299,7 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
     none = np.array([], dtype=np.int64)
     if n_groups == 0:
         return pd.DataFrame(columns=SUDDEN_COLUMNS), none
-    col = k - 1
+    col: np.ndarray | None = None  # each row's session column, 0-based
     if session is not None:
         sn = session
         has_all = np.logical_and.reduceat(~np.isnan(sn), starts)
@@ -322,6 +322,8 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             col -= 1
         else:
             col = np.where(usable_g[gid], sn, k).astype(np.int64) - 1  # usable: no NaN
+    if col is None:  # by administration order (made only when needed: 10M fresh rows)
+        col = k - 1
     keep = (col >= 0) & (col < max_gain_columns)
     width = int(col[keep].max()) + 1 if keep.any() else 1
     # Criterion 1 needs a change of at least the scale's points between consecutive

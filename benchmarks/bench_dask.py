@@ -49,18 +49,25 @@ def build(base: Path, episodes: int, copies: int, partitions: int) -> int:
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    # As ``ontrack export-parquet`` writes them: an episode's rows in one file, each
-    # file in (episode_id, measure, administered_at) order.
-    frame = pd.concat([one.assign(episode_id=one["episode_id"] + f"-{c}")
-                       for c in range(copies)], ignore_index=True)
-    part = partition_of(frame["episode_id"], partitions)
+    writers = [pq.ParquetWriter(base / f"part-{i:05d}.parquet", SCHEMA)
+               for i in range(partitions)]
     rows = 0
+    for c in range(copies):  # a copy at a time: the data may not fit in memory
+        frame = one.assign(episode_id=one["episode_id"] + f"-{c}")
+        part = partition_of(frame["episode_id"], partitions)
+        for i in range(partitions):
+            writers[i].write_table(pa.Table.from_pandas(frame[part == i], schema=SCHEMA,
+                                                        preserve_index=False))
+        rows += len(frame)
+    for w in writers:
+        w.close()
+    # Then each file in (episode_id, measure, administered_at) order, as
+    # ``ontrack export-parquet`` writes it (one partition in memory at a time).
     for i in range(partitions):
-        chunk = frame[part == i].sort_values(["episode_id", "measure", "administered_at"],
-                                             kind="stable")
-        pq.write_table(pa.Table.from_pandas(chunk, schema=SCHEMA, preserve_index=False),
-                       base / f"part-{i:05d}.parquet")
-        rows += len(chunk)
+        path = base / f"part-{i:05d}.parquet"
+        table = pq.read_table(path, schema=SCHEMA)
+        pq.write_table(table.sort_by([("episode_id", "ascending"), ("measure", "ascending"),
+                                      ("administered_at", "ascending")]), path)
     (base / "_ontrack.json").write_text(json.dumps({"rows": rows, "order": "key"}) + "\n")
     return rows
 

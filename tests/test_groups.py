@@ -82,17 +82,12 @@ def test_stable_order_is_numpys_stable_argsort(top: int) -> None:
     assert stable_order(np.array([], dtype=np.int64)).size == 0
 
 
-@pytest.mark.parametrize("parts", [2, 3, 7])
-def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
-    """Outcomes computed over runs of groups (in threads) are row for row those of one
-    call, and so are the sudden changes, in the same order."""
-    from pipeline.compute import build_reference
-    from pipeline.config import Settings
-    from pipeline.scales import load_registry
-    from pipeline.stats.outcomes import episode_outcomes, episode_outcomes_in_parts
+def synth_scores(episodes: int, seed: int) -> tuple[pd.DataFrame, pd.Series]:
+    """A generated service's scored administrations (in the generator's time order) as
+    the statistics take them, and the ids of its finished episodes."""
     from pipeline.synth import SynthConfig, generate
 
-    data = generate(SynthConfig(episodes=400, therapists=5, seed=3))
+    data = generate(SynthConfig(episodes=episodes, therapists=5, seed=seed))
     adm = data.administrations
     items = adm[[f"item_{i}" for i in range(1, 10)]].astype("Float64")
     total = pd.to_numeric(adm["total"], errors="coerce")
@@ -103,6 +98,19 @@ def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
         "score": np.where(total.notna(), total, items.sum(axis=1, skipna=True).round())
         .astype(np.int64)})
     ended = data.episodes.loc[data.episodes["end_date"] != "", "episode_id"].astype("str")
+    return a, ended
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
+    """Outcomes computed over runs of groups (in threads) are row for row those of one
+    call, and so are the sudden changes, in the same order."""
+    from pipeline.compute import build_reference
+    from pipeline.config import Settings
+    from pipeline.scales import load_registry
+    from pipeline.stats.outcomes import episode_outcomes, episode_outcomes_in_parts
+
+    a, ended = synth_scores(episodes=400, seed=3)
     settings, registry = Settings(), load_registry()
     g = group_administrations(a)
     split = g.split(parts)
@@ -222,21 +230,10 @@ def test_outcomes_of_rows_in_group_order_equal_those_of_rows_in_any_order() -> N
     from pipeline.config import Settings
     from pipeline.scales import load_registry
     from pipeline.stats.outcomes import episode_outcomes_in_parts
-    from pipeline.synth import SynthConfig, generate
 
-    data = generate(SynthConfig(episodes=300, therapists=5, seed=5))
-    adm = data.administrations
-    items = adm[[f"item_{i}" for i in range(1, 10)]].astype("Float64")
-    total = pd.to_numeric(adm["total"], errors="coerce")
-    a = pd.DataFrame({
-        "episode_id": adm["episode_id"].astype("str"), "measure": adm["measure"].astype("str"),
-        "administered_at": pd.to_datetime(adm["administered_at"]).astype("datetime64[us]"),
-        "session_number": adm["session_number"].astype("Int64"),
-        "score": np.where(total.notna(), total, items.sum(axis=1, skipna=True).round())
-        .astype(np.int64)})
+    a, ended = synth_scores(episodes=300, seed=5)
     ordered = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable",
                             ignore_index=True)
-    ended = data.episodes.loc[data.episodes["end_date"] != "", "episode_id"].astype("str")
     settings, registry = Settings(), load_registry()
     results = []
     for rows in (a, ordered):

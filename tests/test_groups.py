@@ -248,3 +248,34 @@ def test_outcomes_of_rows_in_group_order_equal_those_of_rows_in_any_order() -> N
     pd.testing.assert_frame_equal(ref_o.curves, ref_a.curves)
     pd.testing.assert_frame_equal(out_o, out_a)
     pd.testing.assert_frame_equal(sud_o, sud_a)
+
+
+def test_text_in_several_arrow_chunks_is_checked_across_the_chunks() -> None:
+    """A column made of several Arrow chunks (frames concatenated from files) in key
+    order takes the fast path; rows out of order only across a chunk boundary, beyond
+    the first rows the check probes, are still noticed."""
+    import pyarrow as pa
+
+    n = 10_000
+    ids = [f"E{i // 4:05d}" for i in range(n)]
+    # Times rise with the row, so only the episode order can be broken.
+    at = pd.Timestamp("2026-01-01") + pd.to_timedelta(np.arange(n), unit="h")
+
+    def frame_of(values: list[str]) -> pd.DataFrame:
+        chunks = pa.chunked_array([pa.array(values[:6001], pa.large_string()),
+                                   pa.array(values[6001:], pa.large_string())])
+        return pd.DataFrame({"episode_id": pd.Series(pd.array(chunks, dtype="str")),
+                             "measure": pd.array(["PHQ-9"] * n, dtype="str"),
+                             "administered_at": at.astype("datetime64[us]"),
+                             "row": np.arange(n)})
+
+    ordered = frame_of(ids)
+    assert isinstance(pa.array(ordered["episode_id"].array), pa.ChunkedArray)
+    assert group_administrations(ordered).offset == 0
+    swapped = ids.copy()  # E01501 last in the first chunk, E01500 first in the second
+    swapped[6000], swapped[6004] = ids[6004], ids[6000]
+    assert (swapped[6000], swapped[6001]) == ("E01501", "E01500")
+    a = frame_of(swapped)
+    g = group_administrations(a)
+    expected = a.sort_values(["episode_id", "measure", "administered_at"], kind="stable")
+    assert g.offset is None and g.frame["row"].tolist() == expected["row"].tolist()

@@ -199,17 +199,21 @@ def _grouped(source: pd.DataFrame, order: npt.NDArray[np.int64],
                    np.asarray(measures, dtype=object), offset)
 
 
-def _text(column: pd.Series) -> pa.Array | None:
-    """An Arrow-backed text column as one Arrow array (no copy of a single chunk);
-    None for other storage, which would have to be converted value by value."""
+def _text(column: pd.Series) -> pa.Array | pa.ChunkedArray | None:
+    """An Arrow-backed text column as Arrow data (no copy); None for other storage,
+    which would have to be converted value by value."""
     dtype = column.dtype
     arrow = (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow") or \
         (isinstance(dtype, pd.ArrowDtype) and (pa.types.is_string(dtype.pyarrow_dtype)
                                                or pa.types.is_large_string(dtype.pyarrow_dtype)))
     if not arrow:
         return None
-    values = pa.array(column.array)
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    return pa.array(column.array)
+
+
+def _descends(values: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether some value is less than the one before it."""
+    return bool(len(values) > 1 and pc.any(pc.less(values[1:], values[:-1])).as_py())
 
 
 def _boundaries_if_ordered(admins: pd.DataFrame, at: npt.NDArray[np.int64]
@@ -230,8 +234,14 @@ def _boundaries_if_ordered(admins: pd.DataFrame, at: npt.NDArray[np.int64]
         return np.asarray(pc.call_function(op, [values[1:], values[:-1]])
                           .to_numpy(zero_copy_only=False))
 
-    if pc.any(pc.less(episode[1:], episode[:-1])).as_py():
-        return None  # the common unordered case stops after one pass
+    # The common unordered case stops at the first rows (before a chained column is
+    # joined into one piece), or else after one pass.
+    if _descends(episode.slice(0, 4096)):
+        return None
+    episode, measure = (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v
+                        for v in (episode, measure))
+    if _descends(episode):
+        return None
     same_episode = pairs(episode, "equal")
     same_group = same_episode & pairs(measure, "equal")
     backwards = same_episode & pairs(measure, "less")

@@ -856,8 +856,7 @@ class Store:
         # NULL all the same (no default), and each bound NULL costs (11 of a PHQ-9 or
         # GAD-7 row's 33 values).
         cols = [c.name for c in administrations.c if c.name != "admin_id" and not (
-            c.name.startswith("item_") and c.name in frame.columns
-            and not frame[c.name].notna().any())]
+            c.name.startswith("item_") and not frame[c.name].notna().any())]
         # In the unique index's order: records arrive by date, so in file order each
         # insert lands on a different leaf of the (episode, measure, time) index; sorted,
         # consecutive inserts share leaves. Nothing reads the row ids' order.

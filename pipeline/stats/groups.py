@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.columns import as_mask
 from pipeline.errors import UsageError
 
 __all__ = ["Grouped", "group_administrations", "in_group_order", "stable_order"]
@@ -231,8 +232,7 @@ def _boundaries_if_ordered(admins: pd.DataFrame, at: npt.NDArray[np.int64]
         return None
 
     def pairs(values: pa.Array, op: str) -> npt.NDArray[np.bool_]:
-        return np.asarray(pc.call_function(op, [values[1:], values[:-1]])
-                          .to_numpy(zero_copy_only=False))
+        return as_mask(pc.call_function(op, [values[1:], values[:-1]]))
 
     # The common unordered case stops at the first rows (before a chained column is
     # joined into one piece), or else after one pass.

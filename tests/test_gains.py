@@ -255,3 +255,70 @@ def test_candidates_only_keeps_the_pairs_meeting_criteria_1_and_2(losses: bool,
     pd.testing.assert_frame_equal(some, expected)
     assert full["gain"].fillna(False).astype(bool).sum() == \
         some["gain"].fillna(False).astype(bool).sum() > 0
+
+
+@pytest.mark.parametrize("higher", [False, True])
+def test_every_gain_and_loss_of_random_series_by_the_written_out_rules(higher: bool) -> None:
+    """Random series with missing sessions: the gains and losses found equal the criteria
+    of SPEC §6 applied pair by pair (``naive_sudden``), client by client."""
+    from tests.test_compute import naive_sudden
+
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 28, (400, 14)).astype(float)
+    x[rng.random(x.shape) < 0.12] = np.nan
+    for losses in (False, True):
+        res = sudden_gains(x, cutoff=6, higher_is_better=higher, losses=losses)
+        hits = res[res["gain"].fillna(False).astype(bool)]
+        found = {r: sorted(g["pregain_session"]) for r, g in hits.groupby("row")}
+        expected = {r: s for r in range(len(x))
+                    if (s := naive_sudden(list(x[r]), 6, higher, losses))}
+        assert found == expected
+        assert sum(map(len, expected.values())) > 5
+
+
+def test_long_form_with_a_cutoff_and_direction_per_client() -> None:
+    """``sudden_changes`` on scores in long form (only the scored sessions) with each
+    client's own cut-off and direction finds what the matrix form finds for each client
+    with its scale's settings alone."""
+    from pipeline.stats.gains import sudden_changes
+
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 28, (300, 10)).astype(float)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    cutoff = rng.choice([5.0, 6.0, np.nan], size=len(x))
+    higher = rng.random(len(x)) < 0.4
+    rows, cols = np.nonzero(~np.isnan(x))
+    found = sudden_changes(rows, cols, x[rows, cols], cutoff=cutoff, higher_is_better=higher,
+                           candidates_only=True)
+    for kind in ("gain", "loss"):
+        res = found[kind]
+        hit = res["gain"].to_numpy(dtype=bool, na_value=False)
+        got = sorted(zip(rows[res["at"]][hit], res["pregain_session"][hit], strict=True))
+        expected = []
+        for cut in (5.0, 6.0):
+            for h in (False, True):
+                who = np.flatnonzero((cutoff == cut) & (higher == h))
+                one = sudden_gains(x[who], cutoff=cut, higher_is_better=h,
+                                   losses=kind == "loss")
+                one = one[one["gain"].fillna(False).astype(bool)]
+                expected += [(who[r], s) for r, s in zip(one["row"], one["pregain_session"],
+                                                         strict=True)]
+        assert [(int(r), int(s)) for r, s in got] == sorted(
+            (int(r), int(s)) for r, s in expected)
+        assert len(got) > 3
+
+
+def test_long_form_pairs_never_span_two_clients() -> None:
+    """Client 0's sessions 1-3 end where client 1's sessions 4-9 begin: the 20 -> 2 step
+    from one client's last score to the next client's first is not a pair (client 1 alone
+    has no pair with a change of 6, so nothing is found)."""
+    from pipeline.stats.gains import sudden_changes
+
+    group = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    column = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8])
+    score = np.array([20, 21, 20, 2, 1, 2, 1, 2, 1])
+    res = sudden_changes(group, column, score, cutoff=6)
+    assert res["gain"]["at"].tolist() == [0, 1, 3, 4, 5, 6, 7]  # every pair within a client
+    assert not res["gain"]["gain"].fillna(False).any()
+    assert sudden_changes(group, column, score, cutoff=6,
+                          candidates_only=True)["gain"]["at"].size == 0

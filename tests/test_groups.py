@@ -101,10 +101,13 @@ def synth_scores(episodes: int, seed: int) -> tuple[pd.DataFrame, pd.Series]:
     return a, ended
 
 
-@pytest.mark.parametrize("parts", [2, 3, 7])
-def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
-    """Outcomes computed over runs of groups (in threads) are row for row those of one
-    call, and so are the sudden changes, in the same order."""
+@pytest.mark.parametrize(("parts", "threads", "part_groups"),
+                         [(2, 2, 10**6), (3, 3, 10**6), (7, 7, 10**6), (6, 1, 150),
+                          (6, 2, 150)])
+def test_outcomes_in_parts_equal_one_call(parts: int, threads: int, part_groups: int) -> None:
+    """Outcomes computed over runs of groups (in threads, or runs of at most
+    ``part_groups`` groups one after another) are row for row those of one call, and so
+    are the sudden changes, in the same order."""
     from pipeline.compute import build_reference
     from pipeline.config import Settings
     from pipeline.scales import load_registry
@@ -118,8 +121,10 @@ def test_outcomes_in_parts_equal_one_call(parts: int) -> None:
         sum(p.n_groups for p in split) == g.n_groups
     reference, _ = build_reference(a, ended, registry, settings, grouped=g)
     one, sudden = episode_outcomes(a, registry, settings, reference, grouped=g)
+    assert -(-g.n_groups // 150) == 6  # 6 runs of at most 150 groups
     many, sudden_many = episode_outcomes_in_parts(a, registry, settings, reference, g,
-                                                  threads=parts, min_groups=0)
+                                                  threads=threads, min_groups=0,
+                                                  part_groups=part_groups)
     assert len(sudden) > 10  # the data has sudden gains and losses to order
     pd.testing.assert_frame_equal(many, one)
     pd.testing.assert_frame_equal(sudden_many, sudden)

@@ -104,3 +104,28 @@ def test_counts_in_outcomes(result: tuple[pd.DataFrame, pd.DataFrame]) -> None:
         assert (pd.isna(first) and not gains) or first == gains[0], ep
     assert np.array_equal(out["n"].to_numpy(),
                           [len(CASES[ep][1]) for ep in out.index])
+
+
+def test_sessions_beyond_the_scan_limit_are_not_scanned(registry: Registry) -> None:
+    """Sessions numbered past ``max_gain_columns`` (200) are left out of the scan.
+
+    By session: 195-200 = 20 21 19 10 9 8, then 201-203 = 1 0 1. By the written-out
+    rules there are two gains, 197 -> 198 and 200 -> 201 (drop 7 >= 6 and >= 2; pre mean
+    9, post mean 0.67, pooled SD 0.82 x t 2.776 = 2.27 < 8.33). The second pair crosses
+    the limit, so only the first is reported."""
+    from pipeline.stats.outcomes import max_gain_columns
+
+    sessions = list(range(195, 204))
+    scores = [20, 21, 19, 10, 9, 8, 1, 0, 1]
+    x = [math.nan] * 194 + [float(v) for v in scores]
+    assert naive_sudden(x, 6, False, False) == [197, 200]
+    assert max_gain_columns == 200
+    a = pd.DataFrame({
+        "episode_id": pd.array(["long"] * len(scores), dtype="str"),
+        "measure": pd.array(["PHQ-9"] * len(scores), dtype="str"),
+        "administered_at": (pd.Timestamp("2026-01-05") + pd.to_timedelta(
+            np.arange(len(scores)) * 7, unit="D")).astype("datetime64[us]"),
+        "score": scores, "session_number": pd.array(sessions, dtype="Int64")})
+    _, sudden = episode_outcomes(a, registry, Settings(),
+                                 Reference(sd={"PHQ-9": 5.0}, curves=default_curves()))
+    assert found(sudden, "long", "gain") == [197]

@@ -77,16 +77,18 @@ class Grouped:
 
     def values(self, column: str, dtype: Any = None, na_value: Any = None) -> np.ndarray:
         """``column`` as a numpy array (``Series.to_numpy`` options), in group order."""
-        series = self.source[column]
-        array = np.asarray(series.to_numpy(dtype=dtype) if na_value is None else
-                           series.to_numpy(dtype=dtype, na_value=na_value))
-        if self.offset is None:
-            return array[self.order]
-        # A slice may share the frame's memory: read-only, so no statistic can change
-        # the source through it.
-        view = array[self.offset:self.offset + self.order.size]
-        view.flags.writeable = False
-        return view
+        # Only this part's rows are converted: each part of a split source must not
+        # pay for converting every row (e.g. a nullable column to float).
+        data = self.source[column].array
+        data = data.take(self.order) if self.offset is None else \
+            data[self.offset:self.offset + self.order.size]
+        array = np.asarray(data.to_numpy(dtype=dtype) if na_value is None else
+                           data.to_numpy(dtype=dtype, na_value=na_value))
+        if self.offset is not None:
+            # A slice may share the frame's memory: read-only, so no statistic can
+            # change the source through it.
+            array.flags.writeable = False
+        return array
 
     def first(self, columns: list[str]) -> pd.DataFrame:
         """``columns`` at each group's first row: one row per group, index 0..n-1."""

@@ -22,7 +22,7 @@ from pipeline.memory import trim_heap
 from pipeline.scales import Registry
 from pipeline.stats.change import clinical_cutoff, clinical_significance, fixed_point_change
 from pipeline.stats.curves import baseline_band, lookup_curve
-from pipeline.stats.gains import sudden_gains
+from pipeline.stats.gains import sudden_changes
 from pipeline.stats.groups import Grouped, group_administrations
 from pipeline.stats.trend import trend_arrays
 
@@ -252,21 +252,27 @@ def _in_threads(work: Callable[[Grouped], T], parts: list[Grouped], threads: int
 
 def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings: Settings,
                               reference: Reference, grouped: Grouped, threads: int,
-                              min_groups: int = 100_000) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """:func:`episode_outcomes` over runs of consecutive groups, one per thread, with the
-    rows of a single call, in the same order.
+                              min_groups: int = 100_000, part_groups: int = 150_000
+                              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`episode_outcomes` over runs of consecutive groups, in up to ``threads``
+    threads, with the rows of a single call, in the same order.
 
     Each group's statistics read only its own rows and the reference, so a partition of
-    the groups gives the same rows (as the Dask engine's partitions do). Below
-    ``min_groups`` groups (an incremental run) one call does it all. Sudden changes
-    come out of each call by measure (registry order), then kind, then group; the
-    parts' rows are put back in that order by a stable sort.
+    the groups gives the same rows (as the Dask engine's partitions do). The runs hold
+    at most ``part_groups`` groups (and there are at least ``threads`` of them): a
+    run's temporary arrays then stay small enough to be reused from the heap, where
+    10M-row ones would each be fresh pages (~2 s per GB on these machines); at 10M
+    rows 8 runs of ~140k groups took 2.1 s on one thread against 4.0 s for one call.
+    Below ``min_groups`` groups (an incremental run) one call does it all. Sudden
+    changes come out of each call by measure (registry order), then kind, then group;
+    the runs' rows are put back in that order by a stable sort.
     """
-    if threads <= 1 or grouped.n_groups < min_groups:
+    if grouped.n_groups < min_groups:
         return episode_outcomes(admins, registry, settings, reference, grouped)
+    parts = max(threads, -(-grouped.n_groups // max(part_groups, 1)))
     results = _in_threads(lambda part: episode_outcomes(admins, registry, settings, reference,
                                                       part),
-                         grouped.split(threads), threads)
+                         grouped.split(parts), threads)
     out = pd.concat([r[0] for r in results], ignore_index=True)
     for c in out.columns:
         # A text column holding only None in one part is object there and str in the
@@ -288,7 +294,8 @@ def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings
 def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: np.ndarray,
             starts: np.ndarray, out: pd.DataFrame, g: Grouped, registry: Registry
             ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Sudden gains and losses through :func:`sudden_gains` (one shared implementation),
+    """Sudden gains and losses through :func:`sudden_changes` (the implementation behind
+    :func:`pipeline.stats.gains.sudden_gains`),
     and the group code of each.
 
     Scores are placed by ``session_number`` when every administration of the group has a
@@ -305,8 +312,9 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
         has_all = np.logical_and.reduceat(~np.isnan(sn), starts)
         # Session numbers rising within a group are distinct: one pass. Only a group
         # where they do not rise is sorted to look for a repeated number.
-        rising = np.ones(sn.size, dtype=bool)
-        rising[1:] = (gid[1:] != gid[:-1]) | (sn[1:] > sn[:-1])
+        rising = np.empty(sn.size, dtype=bool)
+        np.greater(sn[1:], sn[:-1], out=rising[1:])
+        rising[starts] = True  # a group's first row
         distinct = np.logical_and.reduceat(rising, starts)
         suspect = has_all & ~distinct
         if suspect.any():
@@ -324,79 +332,55 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
             col = np.where(usable_g[gid], sn, k).astype(np.int64) - 1  # usable: no NaN
     if col is None:  # by administration order (made only when needed: 10M fresh rows)
         col = k - 1
+    # The scores in long form for sudden_changes: sorted by group and session, each
+    # session once (distinct by the choice above). Rows whose sessions are not in row
+    # order are put in order within their group; sessions beyond max_gain_columns (or
+    # numbered below 1) are not scanned.
+    y = score
+    backwards = np.diff(col) <= 0
+    backwards[starts[1:] - 1] = False  # a group's last row and the next group's first
+    if backwards.any():
+        bad = np.zeros(n_groups, dtype=bool)
+        bad[gid[1:][backwards]] = True
+        rows = np.flatnonzero(bad[gid])
+        moved = rows[np.lexsort((col[rows], gid[rows]))]
+        col, y = col.copy(), y.copy()
+        col[rows], y[rows] = col[moved], y[moved]
+    del backwards
     keep = (col >= 0) & (col < max_gain_columns)
-    width = int(col[keep].max()) + 1 if keep.any() else 1
-    # Criterion 1 needs a change of at least the scale's points between consecutive
-    # sessions, so only groups with such a pair (found on the rows, in order) go into
-    # the session matrix; a group whose sessions are not in row order goes in unchecked.
-    points = g.per_measure({c: s.reliable_change_points for c, s in registry.items()
+    g_row = gid
+    if not keep.all():
+        g_row, col, y = gid[keep], col[keep], y[keep]
+    del keep
+    cutoff = g.per_measure({c: s.reliable_change_points for c, s in registry.items()
                             if s.reliable_change_points is not None}, np.nan, dtype=float)
-    points_row = points[gid]
-    # Whole-length temporaries are few and reused: each one's fresh pages cost ~0.1 s
-    # at 10M rows.
-    same = gid[1:] == gid[:-1]
-    step = np.diff(col)
-    unordered = step <= 0
-    unordered &= same
-    pair = step == 1
-    del step
-    pair &= same
-    pair &= keep[1:]
-    pair &= keep[:-1]
-    change = np.diff(score)
-    np.abs(change, out=change)
-    with np.errstate(invalid="ignore"):
-        big = change >= points_row[1:]
-    del change
-    big &= pair
-    flagged = np.zeros(n_groups, dtype=bool)
-    flagged[gid[1:][big | unordered]] = True
-    groups = np.flatnonzero(flagged)
-    inside = flagged[gid] & keep
-    slot = np.cumsum(flagged) - 1
-    matrix = np.full((groups.size, width), np.nan)
-    matrix[slot[gid[inside]], col[inside]] = score[inside]
-    measures = g.mcode[groups]
-    # Change from each session to the next (positive = the score fell); a pair with a
-    # missing session is NaN and never a candidate.
-    fall = matrix[:, :-1] - matrix[:, 1:]
+    higher = g.per_measure({c: s.higher_is_better for c, s in registry.items()}, False,
+                           dtype=bool)
+    found = sudden_changes(g_row, col, y, cutoff=cutoff, higher_is_better=higher,
+                           candidates_only=True)
     frames, group_of = [], []
-    for code, scale in registry.items():
-        if scale.reliable_change_points is None or code not in g.measure_index:
+    for kind, res in found.items():
+        hit = res["gain"].to_numpy(dtype=bool, na_value=False)
+        if not hit.any():
             continue
-        rows = np.flatnonzero(measures == g.measure_index[code])
-        if rows.size == 0:
-            continue
-        better = -1.0 if scale.higher_is_better else 1.0
-        for kind, losses in (("gain", False), ("loss", True)):
-            # Criterion 1 is necessary, so only episodes with a change of at least the
-            # cut-off in this direction are evaluated: the same hits, far less work.
-            sign = -better if losses else better
-            with np.errstate(invalid="ignore"):
-                cand = (sign * fall[rows] >= scale.reliable_change_points).any(axis=1)
-            if not cand.any():
-                continue
-            rows_k = rows[cand]
-            sub = matrix[rows_k]
-            res = sudden_gains(sub, cutoff=scale.reliable_change_points,
-                               higher_is_better=scale.higher_is_better, losses=losses,
-                               candidates_only=True)
-            hit = res[res["gain"].fillna(False).astype(bool)]
-            if hit.empty:
-                continue
-            r = groups[rows_k[hit["row"].to_numpy()]]
-            group_of.append(r)
-            j = hit["pregain_session"].to_numpy()
-            frames.append(pd.DataFrame({
-                "episode_id": out["episode_id"].take(r).to_numpy(), "measure": code,
-                "kind": kind,
-                "pregain_session": j, "size": hit["change"].to_numpy(),
-                "score_before": sub[hit["row"].to_numpy(), j - 1],
-                "score_after": sub[hit["row"].to_numpy(), j],
-                "n_pre": hit["n_pre"].to_numpy(), "n_post": hit["n_post"].to_numpy(),
-                "crit3_adjusted": hit["crit3_adjusted"].to_numpy(dtype=bool),
-            }))
+        at = res["at"][hit]
+        r = g_row[at]
+        group_of.append(r)
+        frames.append(pd.DataFrame({
+            "episode_id": out["episode_id"].take(r).to_numpy(),
+            "measure": g.measures[g.mcode[r]],
+            "kind": kind, "pregain_session": res["pregain_session"][hit],
+            "size": res["change"][hit], "score_before": y[at].astype(float),
+            "score_after": y[at + 1].astype(float), "n_pre": res["n_pre"][hit],
+            "n_post": res["n_post"][hit],
+            "crit3_adjusted": res["crit3_adjusted"].to_numpy(dtype=bool)[hit],
+        }))
     if not frames:
         return pd.DataFrame(columns=SUDDEN_COLUMNS), none
-    return pd.concat(frames, ignore_index=True)[SUDDEN_COLUMNS], \
-        np.concatenate(group_of).astype(np.int64)
+    table = pd.concat(frames, ignore_index=True)
+    # By measure (registry order), kind, group and session, as before.
+    rank = g.per_measure({c: i for i, c in enumerate(registry)}, len(registry), dtype=np.int64)
+    groups = np.concatenate(group_of).astype(np.int64)
+    o = np.lexsort((table["pregain_session"].to_numpy(), groups,
+                    (table["kind"] == "loss").to_numpy(), rank[groups]))
+    return table.take(o).reset_index(drop=True)[SUDDEN_COLUMNS], groups[o]

@@ -138,3 +138,37 @@ def test_lookup_curve() -> None:
     assert got.loc[0, "source"] == "service_all_bands"
     assert np.isnan(got.loc[1, "median"])  # stratum left out
     assert np.isnan(got.loc[2, "median"])  # no such band
+
+
+def test_curve_points_by_codes_with_band_names_shared_by_scales(registry: Registry) -> None:
+    """The lookup by codes that the outcomes use gives the points of ``lookup_curve`` (a
+    join on the text keys), also where two scales have bands of the same name (PHQ-9
+    and GAD-7 both have "mild" and "severe", with different score ranges)."""
+    from pipeline.stats.curves import band_codes, curve_points
+
+    curves = build_curves(table(), min_stratum=3)
+    phq = curves[curves["measure"] == "PHQ-9"]
+    curves = pd.concat([curves, phq.assign(measure="GAD-7", median=phq["median"] + 100)],
+                       ignore_index=True)
+    measures = ["GAD-7", "PHQ-9"]
+    rng = np.random.default_rng(4)
+    mcode = rng.integers(0, 2, 400)
+    first = rng.integers(0, 22, 400).astype(float)
+    k = rng.integers(0, 5, 400)
+    band, bands = band_codes(mcode, measures, first, registry)
+    assert len(bands) == len(set(bands))
+    labels = np.array(bands, dtype=object)[band]
+    assert {"mild", "severe"} <= set(labels[mcode == 0]) & set(labels[mcode == 1])
+    keys = pd.DataFrame({"measure": np.array(measures, dtype=object)[mcode], "band": labels,
+                         "k": k})
+    assert labels.tolist() == baseline_band(keys["measure"], pd.Series(first),
+                                            registry).tolist()
+    got = curve_points(curves, mcode, measures, band, bands, k)
+    want = lookup_curve(keys, curves)
+    for name in ("median", "upper", "lower"):
+        assert_allclose(got[name], want[name].to_numpy(dtype=float), equal_nan=True)
+    assert got["source"].tolist() == want["source"].astype(object).where(
+        want["source"].notna(), None).tolist()
+    # by hand: PHQ-9 moderate k 2 is 10.0; its GAD-7 copy 110.0; moderate k 4 has none
+    assert np.isin([10.0, 110.0], got["median"]).all()
+    assert np.isnan(got["median"]).sum() > 50

@@ -29,9 +29,9 @@ import pandas as pd
 from pipeline.scales import Registry
 from pipeline.stats.groups import Grouped
 
-__all__ = ["ALL_BANDS", "DEFAULT_CURVES", "DEFAULT_PERCENTILE", "baseline_band",
-           "build_curves", "curves_from_histogram", "default_curves", "lookup_curve",
-           "with_defaults"]
+__all__ = ["ALL_BANDS", "DEFAULT_CURVES", "DEFAULT_PERCENTILE", "band_codes", "baseline_band",
+           "build_curves", "curve_points", "curves_from_histogram", "default_curves",
+           "lookup_curve", "with_defaults"]
 
 #: The shipped curve set: built from a 5,000-episode synthetic cohort (seed 2026) by
 #: ``ontrack default-curves``; it serves a new service until its own history is large
@@ -56,11 +56,18 @@ def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry,
     else:
         codes, uniques = pd.factorize(measure)
         mcode, names = codes.astype(np.int64), [str(m) for m in uniques]
-    # Band codes per row into one list of labels, then one gather of the text.
+    code, labels = band_codes(mcode, names, score.to_numpy(dtype=float), registry)
+    return pd.Series(pd.array(labels, dtype="str").take(code), index=measure.index)
+
+
+def band_codes(mcode: np.ndarray, measures: list[str], score: np.ndarray,
+               registry: Registry) -> tuple[np.ndarray, list[str]]:
+    """:func:`baseline_band` as codes: each row's band as an index into the labels
+    returned (``"all"`` first, each label once), from its measure as a code into
+    ``measures``."""
     labels: list[str] = [ALL_BANDS]
-    code = np.zeros(len(measure), dtype=np.int64)
-    x = score.to_numpy(dtype=float)
-    for i, name in enumerate(names):
+    code = np.zeros(len(mcode), dtype=np.int64)
+    for i, name in enumerate(measures):
         scale = registry.get(name)
         if scale is None or not scale.bands:
             continue
@@ -68,10 +75,15 @@ def baseline_band(measure: pd.Series, score: pd.Series, registry: Registry,
         if not mask.any():
             continue
         mins = np.array([b.min for b in scale.bands])
-        idx = np.searchsorted(mins, x[mask], side="right") - 1
-        code[mask] = len(labels) + np.clip(idx, 0, len(scale.bands) - 1)
-        labels += [b.label for b in scale.bands]
-    return pd.Series(pd.array(labels, dtype="str").take(code), index=measure.index)
+        idx = np.searchsorted(mins, score[mask], side="right") - 1
+        # Each label once (scales share names such as "mild"), so a (measure, band)
+        # pair of codes names one stratum.
+        for label in (b.label for b in scale.bands):
+            if label not in labels:
+                labels.append(label)
+        to_label = np.array([labels.index(b.label) for b in scale.bands], dtype=np.int64)
+        code[mask] = to_label[np.clip(idx, 0, len(scale.bands) - 1)]
+    return code, labels
 
 
 def build_curves(scores: pd.DataFrame, *, percentile: float = 0.75,
@@ -171,6 +183,42 @@ def lookup_curve(keys: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
         return keys.assign(median=np.nan, upper=np.nan, lower=np.nan, source=None)
     c = curves[[*cols, "median", "upper", "lower", "source"]].astype({"k": "int64"})
     return keys.astype({"k": "int64"}).merge(c, on=cols, how="left")
+
+
+def curve_points(curves: pd.DataFrame, mcode: np.ndarray, measures: list[str],
+                 band: np.ndarray, bands: list[str], k: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`lookup_curve` for keys given as codes: ``mcode`` into ``measures``,
+    ``band`` into ``bands`` (as :func:`band_codes` returns them) and ``k``.
+
+    One gather from a dense (measure, band, k) table of curve rows, with no text keys to
+    hash or join. Returns ``median``, ``upper``, ``lower`` (NaN) and ``source`` (None)
+    arrays, missing where the curves have no such point.
+    """
+    n = len(k)
+    out: dict[str, np.ndarray] = {name: np.full(n, np.nan)
+                                  for name in ("median", "upper", "lower")}
+    out["source"] = np.full(n, None, dtype=object)
+    if curves.empty or n == 0:
+        return out
+    m_of = {name: i for i, name in enumerate(measures)}
+    b_of = {name: i for i, name in enumerate(bands)}
+    # The curves are small (one row per measure, band and k): mapped row by row.
+    cm = np.array([m_of.get(str(v), -1) for v in curves["measure"]], dtype=np.int64)
+    cb = np.array([b_of.get(str(v), -1) for v in curves["band"]], dtype=np.int64)
+    ck = curves["k"].to_numpy(dtype=np.int64)
+    k = np.asarray(k, dtype=np.int64)
+    width = int(max(ck.max(), k.max())) + 1
+    known = (cm >= 0) & (cb >= 0) & (ck >= 0)
+    table = np.full(len(measures) * len(bands) * width, -1, dtype=np.int64)
+    table[((cm * len(bands) + cb) * width + ck)[known]] = np.flatnonzero(known)
+    valid = k >= 0
+    row = np.where(valid, table[((mcode * len(bands) + band) * width + np.where(valid, k, 0))],
+                   -1)
+    hit = np.flatnonzero(row >= 0)
+    for name in ("median", "upper", "lower"):
+        out[name][hit] = curves[name].to_numpy(dtype=float)[row[hit]]
+    out["source"][hit] = curves["source"].to_numpy(dtype=object)[row[hit]]
+    return out
 
 
 def default_curves() -> pd.DataFrame:

@@ -50,7 +50,8 @@ def main() -> None:
     base, rows = dataset(args)
     whole = pd.concat([read_partition(p) for p in sorted(base.glob("part-*.parquet"))],
                       ignore_index=True)
-    ended = whole.loc[whole["ended"], "episode_id"]
+    # Finished episodes' ids, one each, as compute reads them from the episodes table.
+    ended = pd.Series(whole.loc[whole["ended"], "episode_id"].unique())
     whole = whole.drop(columns="ended")
     registry = load_registry()
     for order in args.orders.split(","):

@@ -89,22 +89,30 @@ def partials(admins: pd.DataFrame, ended: pd.Series | Iterable[str],
     m_code, m_names = pd.factorize(f["measure"], sort=True)
     b_code, b_names = pd.factorize(band, sort=True)
     done_g = is_in(heads["episode_id"], ended)
-    done = np.flatnonzero(done_g[g.gid])  # rows of finished episodes, found once
-    gid = g.gid[done]
-    k, x = g.k[done], score[done]
-    mb = (m_code.astype(np.int64) * len(b_names) + b_code)[gid]
     # Histogram by one integer key whose order is (measure, band, k, score): sorted
     # codes keep the text order, so this equals a sorted groupby, without text keys.
-    if x.size:
-        lo_x, n_k, n_x = int(x.min()), int(k.max()), int(x.max() - x.min()) + 1
-        codes = (mb * n_k + (k - 1)) * n_x + (x - lo_x)
-        span = (int(mb.max()) + 1) * n_k * n_x
+    # The key is built for every row, an unfinished episode's rows in one extra
+    # stratum that is left out of the counts: two whole-length arrays instead of
+    # gathering the finished rows' columns first.
+    n_mb = len(m_names) * len(b_names)
+    if score.size and done_g.any():
+        lo_x, n_x = int(score.min()), int(score.max() - score.min()) + 1
+        n_k = int(g.sizes.max())
+        mb_g = np.where(done_g, m_code.astype(np.int64) * len(b_names) + b_code, n_mb)
+        codes = np.take((mb_g * n_k - 1) * n_x - lo_x, g.gid)  # ((mb n_k + k - 1) n_x + x - lo)
+        step = g.k * n_x
+        codes += step
+        del step
+        codes += score
+        span = n_mb * n_k * n_x
         if span <= 4 * codes.size + 1_000_000:  # a dense count: linear, no sort
-            counts = np.bincount(codes, minlength=span)
+            counts = np.bincount(codes, minlength=span + n_k * n_x)[:span]
             key = np.flatnonzero(counts)
             count = counts[key]
         else:
             key, count = np.unique(codes, return_counts=True)
+            count = count[key < span]
+            key = key[key < span]
     else:
         lo_x, n_k, n_x = 0, 1, 1
         key, count = np.array([], dtype=np.int64), np.array([], dtype=np.int64)

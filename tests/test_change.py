@@ -284,3 +284,27 @@ def test_fixed_point_change_higher_is_better(pre: int, post: int, expected: str)
 def test_fixed_point_change_nan_gives_none() -> None:
     out = fixed_point_change([np.nan, 15, 15], [9, np.nan, 9], points=6)
     assert out.tolist() == [None, None, "improved"]
+
+
+def test_clinical_significance_codes_name_the_same_categories() -> None:
+    """The code form used by the outcomes pass: sd 5, r .8, S_diff = sqrt(2) * 5 *
+    sqrt(.2) = 3.1623; 20 -> 8 RCI -3.79 (reliable, clinical to functional: recovered),
+    20 -> 12 RCI -2.53 (improved, still above 10), 8 -> 20 RCI +3.79 (harmed), 15 -> 14
+    (unchanged), a missing score: no category."""
+    from pipeline.stats.change import (
+        CATEGORY_BY_CODE,
+        DIRECTION_BY_CODE,
+        clinical_significance_codes,
+    )
+
+    pre, post = [20, 20, 8, 15, np.nan], [8, 12, 20, 14, 10]
+    rci, direction, category = clinical_significance_codes(pre, post, sd=5, reliability=0.8,
+                                                           cutoff=10)
+    assert_allclose(rci[:4], [-3.7947, -2.5298, 3.7947, -0.3162], atol=1e-4)
+    assert CATEGORY_BY_CODE[category].tolist() == ["recovered", "improved", "harmed",
+                                                   "unchanged", None]
+    assert DIRECTION_BY_CODE[direction].tolist() == ["improved", "improved", "deteriorated",
+                                                     "unchanged", None]
+    frame = clinical_significance(pre, post, sd=5, reliability=0.8, cutoff=10)
+    assert frame["category"].tolist()[:4] == CATEGORY_BY_CODE[category].tolist()[:4]
+    assert pd.isna(frame["category"].iloc[4])

@@ -26,8 +26,12 @@ __all__ = [
     "ClinicalCutoffs",
     "ReliableChangeResult",
     "clinical_cutoff",
+    "CATEGORY_BY_CODE",
+    "DIRECTION_BY_CODE",
     "clinical_significance",
+    "clinical_significance_codes",
     "fixed_point_change",
+    "fixed_point_codes",
     "jt_cutoffs",
     "reliable_change",
 ]
@@ -159,7 +163,7 @@ def reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
 def _reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
                      reliability: float, higher_is_better: bool, alpha: float
                      ) -> tuple[ReliableChangeResult, np.ndarray]:
-    """:func:`reliable_change`, and its directions as codes into :data:`_DIRECTIONS`
+    """:func:`reliable_change`, and its directions as codes into :data:`DIRECTION_BY_CODE`
     (for callers that classify further without comparing text)."""
     if not sd > 0:
         raise UsageError("sd must be positive", value=sd)
@@ -177,7 +181,8 @@ def _reliable_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     code = _direction_codes(better > z, -better > z, np.isnan(rci))
     return ReliableChangeResult(rci=rci, s_diff=s_diff, standard_error=float(se),
                                 critical_value=z,
-                                direction=np.asarray(_DIRECTIONS[code], dtype=object)), code
+                                direction=np.asarray(DIRECTION_BY_CODE[code], dtype=object)
+                                ), code
 
 
 def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float,
@@ -196,23 +201,33 @@ def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float
     >>> list(fixed_point_change([15, 15, 15], [9, 10, 21], points=6))
     ['improved', 'unchanged', 'deteriorated']
     """
+    return np.asarray(DIRECTION_BY_CODE[fixed_point_codes(pre, post, points=points,
+                                                   higher_is_better=higher_is_better)],
+                      dtype=object)
+
+
+def fixed_point_codes(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float,
+                      higher_is_better: bool = False) -> npt.NDArray[np.int64]:
+    """:func:`fixed_point_change` as codes into :data:`DIRECTION_BY_CODE` (for callers that
+    classify further, or build a text column once, without handling text per row)."""
     pre_a = np.asarray(pre, dtype=float)
     post_a = np.asarray(post, dtype=float)
     gain = (post_a - pre_a) if higher_is_better else (pre_a - post_a)
-    return np.asarray(_DIRECTIONS[_direction_codes(gain >= points, -gain >= points,
-                                                   np.isnan(gain))], dtype=object)
+    return _direction_codes(gain >= points, -gain >= points, np.isnan(gain))
 
 
 # Labels picked by integer code: a gather of shared objects rather than a text array
 # converted value by value to objects (and compared as text).
-_DIRECTIONS = np.array(["unchanged", "improved", "deteriorated", None], dtype=object)
-_CATEGORIES = np.array([None, "recovered", "improved", "unchanged", "harmed", "deteriorated"],
-                       dtype=object)
+#: Reliable-change directions by code (None: a score is missing).
+DIRECTION_BY_CODE = np.array(["unchanged", "improved", "deteriorated", None], dtype=object)
+#: Jacobson & Truax categories by code (None: a score is missing).
+CATEGORY_BY_CODE = np.array([None, "recovered", "improved", "unchanged", "harmed",
+                             "deteriorated"], dtype=object)
 
 
 def _direction_codes(improved: np.ndarray, deteriorated: np.ndarray, missing: np.ndarray
                      ) -> np.ndarray:
-    """Codes into :data:`_DIRECTIONS`: improved wins over deteriorated (as the nested
+    """Codes into :data:`DIRECTION_BY_CODE`: improved wins over deteriorated (as the nested
     ``np.where`` it replaces), missing over both."""
     code = np.asarray(np.where(improved, 1, np.where(deteriorated, 2, 0)))
     code[np.asarray(missing)] = 3
@@ -252,6 +267,45 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     ...                       cutoff=10)["category"].tolist()
     ['recovered', 'improved', 'harmed']
     """
+    rc, dc, code, clinical_pre, functional_post, missing = _jacobson_truax(
+        pre, post, sd=sd, reliability=reliability, cutoff=cutoff,
+        higher_is_better=higher_is_better, alpha=alpha)
+    pre_a = np.asarray(pre, dtype=float)
+    post_a = np.asarray(post, dtype=float)
+    return pd.DataFrame({
+        "pre": pre_a, "post": post_a, "change": post_a - pre_a, "rci": rc.rci,
+        "direction": rc.direction,
+        "clinical_pre": pd.Series(clinical_pre, dtype="boolean").mask(missing),
+        "functional_post": pd.Series(functional_post, dtype="boolean").mask(missing),
+        "category": CATEGORY_BY_CODE[code],
+    })
+
+
+def clinical_significance_codes(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
+                                reliability: float, cutoff: float,
+                                higher_is_better: bool = False, alpha: float = 0.05
+                                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64],
+                                           npt.NDArray[np.int64]]:
+    """:func:`clinical_significance`'s ``rci``, and its ``direction`` and ``category``
+    as codes into :data:`DIRECTION_BY_CODE` and :data:`CATEGORY_BY_CODE`: the same
+    classification, for callers that build a text column once (or none), not a frame.
+
+    References
+    ----------
+    .. [1] Jacobson NS, Truax P. J Consult Clin Psychol. 1991;59(1):12-19.
+    """
+    rc, dc, code, *_ = _jacobson_truax(pre, post, sd=sd, reliability=reliability,
+                                       cutoff=cutoff, higher_is_better=higher_is_better,
+                                       alpha=alpha)
+    return rc.rci, dc, code
+
+
+def _jacobson_truax(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
+                    reliability: float, cutoff: float, higher_is_better: bool,
+                    alpha: float) -> tuple[ReliableChangeResult, np.ndarray, np.ndarray,
+                                           np.ndarray, np.ndarray, np.ndarray]:
+    """Reliable change, its direction codes, the category codes, and the clinical-pre,
+    functional-post and missing masks behind them (see :func:`clinical_significance`)."""
     rc, dc = _reliable_change(pre, post, sd=sd, reliability=reliability,
                               higher_is_better=higher_is_better, alpha=alpha)
     pre_a = np.asarray(pre, dtype=float)
@@ -262,7 +316,6 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
     else:
         clinical_pre = pre_a > cutoff
         functional_post = post_a < cutoff
-    d = rc.direction
     improved, unchanged, deteriorated = dc == 1, dc == 0, dc == 2
     code = np.select(
         [improved & clinical_pre & functional_post, improved, unchanged,
@@ -270,14 +323,7 @@ def clinical_significance(pre: npt.ArrayLike, post: npt.ArrayLike, *, sd: float,
         [1, 2, 3, 4, 5], default=0)
     missing = np.isnan(pre_a) | np.isnan(post_a)
     code[missing] = 0
-    category = _CATEGORIES[code]
-    return pd.DataFrame({
-        "pre": pre_a, "post": post_a, "change": post_a - pre_a, "rci": rc.rci,
-        "direction": d,
-        "clinical_pre": pd.Series(clinical_pre, dtype="boolean").mask(missing),
-        "functional_post": pd.Series(functional_post, dtype="boolean").mask(missing),
-        "category": category,
-    })
+    return rc, dc, code, clinical_pre, functional_post, missing
 
 
 def clinical_cutoff(scale: Scale, caseness: int | None = None) -> float | None:

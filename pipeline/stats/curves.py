@@ -22,6 +22,7 @@ References
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -186,19 +187,18 @@ def lookup_curve(keys: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
 
 
 def curve_points(curves: pd.DataFrame, mcode: np.ndarray, measures: list[str],
-                 band: np.ndarray, bands: list[str], k: np.ndarray) -> dict[str, np.ndarray]:
+                 band: np.ndarray, bands: list[str], k: np.ndarray) -> dict[str, Any]:
     """:func:`lookup_curve` for keys given as codes: ``mcode`` into ``measures``,
     ``band`` into ``bands`` (as :func:`band_codes` returns them) and ``k``.
 
     One gather from a dense (measure, band, k) table of curve rows, with no text keys to
-    hash or join. Returns ``median``, ``upper``, ``lower`` (NaN) and ``source`` (None)
-    arrays, missing where the curves have no such point.
+    hash or join. Returns ``median``, ``upper``, ``lower`` (float arrays, NaN) and
+    ``source`` (a ``str`` array, missing) where the curves have no such point.
     """
     n = len(k)
-    out: dict[str, np.ndarray] = {name: np.full(n, np.nan)
-                                  for name in ("median", "upper", "lower")}
-    out["source"] = np.full(n, None, dtype=object)
+    out: dict[str, Any] = {name: np.full(n, np.nan) for name in ("median", "upper", "lower")}
     if curves.empty or n == 0:
+        out["source"] = pd.array([None] * n, dtype="str")
         return out
     m_of = {name: i for i, name in enumerate(measures)}
     b_of = {name: i for i, name in enumerate(bands)}
@@ -217,7 +217,8 @@ def curve_points(curves: pd.DataFrame, mcode: np.ndarray, measures: list[str],
     hit = np.flatnonzero(row >= 0)
     for name in ("median", "upper", "lower"):
         out[name][hit] = curves[name].to_numpy(dtype=float)[row[hit]]
-    out["source"][hit] = curves["source"].to_numpy(dtype=object)[row[hit]]
+    out["source"] = pd.array(curves["source"].to_numpy(dtype=object), dtype="str").take(
+        row, allow_fill=True)
     return out
 
 

@@ -20,7 +20,13 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.memory import trim_heap
 from pipeline.scales import Registry
-from pipeline.stats.change import clinical_cutoff, clinical_significance, fixed_point_change
+from pipeline.stats.change import (
+    CATEGORY_BY_CODE,
+    DIRECTION_BY_CODE,
+    clinical_cutoff,
+    clinical_significance_codes,
+    fixed_point_codes,
+)
 from pipeline.stats.curves import band_codes, curve_points
 from pipeline.stats.gains import sudden_changes
 from pipeline.stats.groups import Grouped, group_administrations
@@ -114,9 +120,10 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     # Reliable change (JT, reference SD) and fixed points, one registry pass.
     size = n_groups
     rci = np.full(size, np.nan)
-    jt_cat = np.full(size, None, dtype=object)
-    jt_dir = np.full(size, None, dtype=object)
-    fixed = np.full(size, None, dtype=object)
+    missing_dir = DIRECTION_BY_CODE.tolist().index(None)
+    jt_cat = np.zeros(size, dtype=np.int64)  # codes: CATEGORY_BY_CODE[0] is None
+    jt_dir = np.full(size, missing_dir, dtype=np.int64)
+    fixed = np.full(size, missing_dir, dtype=np.int64)
     sd_used = np.full(size, np.nan)
     r_used = np.full(size, np.nan)
     cut_used = np.full(size, np.nan)
@@ -134,19 +141,16 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
         cut = clinical_cutoff(scale, caseness)
         sd = reference.sd.get(code)
         if sd and scale.reliability is not None and cut is not None:
-            cs = clinical_significance(first[m], last[m], sd=sd, reliability=scale.reliability,
-                                       cutoff=cut, higher_is_better=scale.higher_is_better,
-                                       alpha=settings.rci_alpha)
-            rci[m] = cs["rci"].to_numpy()
-            jt_cat[m] = cs["category"].to_numpy()
-            jt_dir[m] = cs["direction"].to_numpy()
+            rci[m], jt_dir[m], jt_cat[m] = clinical_significance_codes(
+                first[m], last[m], sd=sd, reliability=scale.reliability, cutoff=cut,
+                higher_is_better=scale.higher_is_better, alpha=settings.rci_alpha)
             sd_used[m] = sd
             r_used[m] = scale.reliability
         if cut is not None:
             cut_used[m] = cut
         if scale.reliable_change_points is not None:
-            fixed[m] = fixed_point_change(first[m], last[m], points=scale.reliable_change_points,
-                                          higher_is_better=scale.higher_is_better)
+            fixed[m] = fixed_point_codes(first[m], last[m], points=scale.reliable_change_points,
+                                         higher_is_better=scale.higher_is_better)
             rc_points[m] = scale.reliable_change_points
         if caseness is not None:
             ge = scale.caseness_comparison == ">="
@@ -158,10 +162,10 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     out["r_used"] = r_used
     out["clinical_cutoff"] = cut_used
     out["rci"] = rci
-    out["jt_direction"] = jt_dir
-    out["jt_category"] = jt_cat
+    out["jt_direction"] = _text(DIRECTION_BY_CODE, jt_dir)
+    out["jt_category"] = _text(CATEGORY_BY_CODE, jt_cat)
     out["rc_points"] = rc_points
-    out["fixed_change"] = fixed
+    out["fixed_change"] = _text(DIRECTION_BY_CODE, fixed)
     out["caseness_first"] = case_first
     out["caseness_last"] = case_last
     # Response (>= 50% reduction from baseline, NQF 1885) is undefined for a baseline of 0,
@@ -179,7 +183,8 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
 
     # Stalled (SPEC §6): exact integer comparison of the slope with its threshold.
     reliable_method = settings.reliable_change_method
-    improved = (fixed if reliable_method == "fixed" else jt_dir) == "improved"
+    improved = (fixed if reliable_method == "fixed" else jt_dir) == \
+        DIRECTION_BY_CODE.tolist().index("improved")
     num = n * trend["sum_dy"] - trend["sum_d"] * trend["sum_y"]
     den = n * trend["sum_dd"] - trend["sum_d"] ** 2
     thr = Fraction(settings.stalled_slope_per_week).limit_denominator(10**6)
@@ -237,6 +242,12 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
 
 
 T = TypeVar("T")
+
+
+def _text(labels: np.ndarray, code: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """A ``str`` column of ``labels[code]`` (a None label is missing), made by one Arrow
+    gather rather than from a column of Python objects."""
+    return pd.array(labels.tolist(), dtype="str").take(code)
 
 
 def _in_threads(work: Callable[[Grouped], T], parts: list[Grouped], threads: int) -> list[T]:

@@ -898,3 +898,36 @@ def test_rule_columns_as_lists_are_what_to_dict_gives(values: list, dtype: str) 
     assert [type(x) for x in got] == [type(x) for x in expected]
     assert all(x is y or x == y or (x != x and y != y)
                for x, y in zip(got, expected, strict=True))
+
+
+def test_column_texts_equal_the_per_value_formatting() -> None:
+    """The rules' messages are built column by column; each column's text must be what
+    the per-value helpers give (``_fmt``: fixed decimals by str.format, a minus sign,
+    ``n/a``; f-string ``str``; ``_date``), including ties, negative zero, NaN, large
+    values, text, missing dates and years outside 1000-9999."""
+    from pipeline.flags import _date, _date_col, _fmt, _fmt_col, _str_col
+
+    rng = np.random.default_rng(9)
+    floats = np.concatenate([
+        [0.05, 0.15, 0.25, 0.35, 2.675, -0.04, -0.05, -0.0, 0.0, 1e17, -1e-9, np.nan,
+         0.5, 1.5, 2.5, -2.5, 123456.789],
+        rng.normal(0, 30, 2000), np.round(rng.normal(0, 5, 2000), 2)])
+    for nd in (0, 1, 2):
+        got = _fmt_col(pd.Series(floats), nd).to_pylist()
+        assert got == [_fmt(v, nd) for v in floats.tolist()]
+    assert _fmt_col(pd.Series([-0.04]), 1).to_pylist() == ["\u22120.0"]
+    assert _fmt_col(pd.Series([0.25, 0.35]), 1).to_pylist() == ["0.2", "0.3"]  # binary
+    ints = pd.Series([0, -5, 12, 10**12], dtype="int64")
+    assert _str_col(ints).to_pylist() == ["0", "-5", "12", "1000000000000"]
+    assert _fmt_col(ints, 1).to_pylist() == ["0", "-5", "12", "1000000000000"]
+    mixed = pd.Series([1.0, None, "x"], dtype=object)
+    assert _fmt_col(mixed).to_pylist() == [_fmt(1.0), "n/a", "x"]
+    text = pd.Series(["PHQ-9", "GAD-7"], dtype="str")
+    assert _str_col(text).to_pylist() == ["PHQ-9", "GAD-7"]
+    assert _str_col(pd.Series([12.0, 3.5])).to_pylist() == ["12.0", "3.5"]  # as f"{v}"
+    dates = pd.Series(pd.to_datetime(["2026-01-05 10:00:00", None, "2025-12-31 23:59:59"])
+                      ).astype("datetime64[us]")
+    assert _date_col(dates).to_pylist() == ["2026-01-05", "n/a", "2025-12-31"]
+    old = pd.Series(np.array(["0999-03-04", "2026-01-05"], dtype="datetime64[us]"))
+    assert _date_col(old).to_pylist() == [_date(v) for v in old] == ["999-03-04",
+                                                                     "2026-01-05"]

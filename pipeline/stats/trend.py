@@ -192,9 +192,12 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
     enough = (n >= min_points) & (sxx > 0)
     slope = np.where(enough, slope, np.nan)
     se = np.where(enough, se, np.nan)
-    # t.ppf's kernel, once per distinct degrees of freedom (few) rather than per group.
-    df_values, df_index = np.unique(np.where(n > 2, n - 2, 1), return_inverse=True)
-    t = special.stdtrit(df_values, 1 - alpha / 2)[df_index]
+    # t.ppf's kernel once per degrees of freedom up to the largest (a few hundred at
+    # most), looked up per group: neither a call per group nor a sort to find the
+    # distinct values.
+    dfs = np.where(n > 2, n - 2, 1)
+    t = special.stdtrit(np.arange(1, int(dfs.max()) + 1 if dfs.size else 1),
+                        1 - alpha / 2)[dfs - 1]
     in_order = contiguous and bool(np.all((d[1:] >= d[:-1]) | (gid[1:] != gid[:-1]))) if gid.size else True
     order = slice(None) if in_order else np.lexsort((d, gid))
     ts = theil_sen(gid[order], d[order], y[order], n_groups, want=enough)

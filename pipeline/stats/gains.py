@@ -72,6 +72,10 @@ def sudden_changes(group: npt.ArrayLike, column: npt.ArrayLike, score: npt.Array
         input order: ``at`` (the entry of the score before the change) and the columns
         of :func:`sudden_gains` but ``row`` (``pregain_session`` is ``column[at] + 1``),
         the criteria as nullable booleans (``crit2`` and ``crit3`` NA as there).
+
+    References
+    ----------
+    .. [1] Tang & DeRubeis 1999; Lutz et al. 2013; Wiedemann et al. 2020 (see module).
     """
     unknown = sorted(set(kinds) - {"gain", "loss"})
     if unknown:

@@ -322,3 +322,24 @@ def test_long_form_pairs_never_span_two_clients() -> None:
     assert not res["gain"]["gain"].fillna(False).any()
     assert sudden_changes(group, column, score, cutoff=6,
                           candidates_only=True)["gain"]["at"].size == 0
+
+
+def test_long_form_refuses_unsorted_entries_and_reads_unsigned_scores() -> None:
+    """Entries must come sorted by group then column (each column once); unsigned
+    integer scores are differenced as numbers (a rise is not a wrapped-around drop)."""
+    from pipeline.errors import UsageError
+    from pipeline.stats.gains import sudden_changes
+
+    with pytest.raises(UsageError, match="sorted by group"):
+        sudden_changes([0, 0, 0], [0, 2, 1], [20, 10, 12], cutoff=6)
+    with pytest.raises(UsageError, match="sorted by group"):
+        sudden_changes([1, 0], [0, 1], [20, 10], cutoff=6)
+    with pytest.raises(UsageError, match="sorted by group"):
+        sudden_changes([0, 0], [1, 1], [20, 10], cutoff=6)
+    rising = np.arange(20, 28, dtype=np.uint8)
+    res = sudden_changes(np.zeros(8, dtype=np.int64), np.arange(8), rising, cutoff=6)
+    assert (res["gain"]["change"] == -1).all()
+    assert not res["gain"]["crit1"].any()
+    assert (res["loss"]["change"] == 1).all()
+    assert sudden_changes(np.zeros(8, dtype=np.int64), np.arange(8), rising, cutoff=1,
+                          candidates_only=True)["loss"]["at"].size == 7

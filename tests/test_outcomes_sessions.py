@@ -129,3 +129,22 @@ def test_sessions_beyond_the_scan_limit_are_not_scanned(registry: Registry) -> N
     _, sudden = episode_outcomes(a, registry, Settings(),
                                  Reference(sd={"PHQ-9": 5.0}, curves=default_curves()))
     assert found(sudden, "long", "gain") == [197]
+
+
+def test_fractional_session_numbers_fall_back_to_administration_order(
+        registry: Registry) -> None:
+    """Validation accepts only whole session numbers; a caller's 3.5 would share session
+    3's column, so such a group is read in administration order: 20 21 19 2 10 9 8 has a
+    gain at administrations 3 -> 4 (drop 17 >= 6 and >= 4.75; pre mean 20, var 1; post
+    mean 7, var 19; pooled SD sqrt(10) = 3.16 x t 2.776 = 8.78 < 13)."""
+    scores = [20, 21, 19, 2, 10, 9, 8]
+    assert naive_sudden([float(v) for v in scores], 6, False, False) == [3]
+    a = pd.DataFrame({
+        "episode_id": pd.array(["frac"] * 7, dtype="str"),
+        "measure": pd.array(["PHQ-9"] * 7, dtype="str"),
+        "administered_at": (pd.Timestamp("2026-01-05") + pd.to_timedelta(
+            np.arange(7) * 7, unit="D")).astype("datetime64[us]"),
+        "score": scores, "session_number": [1, 2, 3, 3.5, 4, 5, 6]})
+    _, sudden = episode_outcomes(a, registry, Settings(),
+                                 Reference(sd={"PHQ-9": 5.0}, curves=default_curves()))
+    assert found(sudden, "frac", "gain") == [3]

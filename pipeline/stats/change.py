@@ -209,7 +209,12 @@ def fixed_point_change(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float
 def fixed_point_codes(pre: npt.ArrayLike, post: npt.ArrayLike, *, points: float,
                       higher_is_better: bool = False) -> npt.NDArray[np.int64]:
     """:func:`fixed_point_change` as codes into :data:`DIRECTION_BY_CODE` (for callers that
-    classify further, or build a text column once, without handling text per row)."""
+    classify further, or build a text column once, without handling text per row).
+
+    References
+    ----------
+    .. [1] NHS England. NHS Talking Therapies for anxiety and depression manual.
+    """
     pre_a = np.asarray(pre, dtype=float)
     post_a = np.asarray(post, dtype=float)
     gain = (post_a - pre_a) if higher_is_better else (pre_a - post_a)

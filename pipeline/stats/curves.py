@@ -207,8 +207,10 @@ def curve_points(curves: pd.DataFrame, mcode: np.ndarray, measures: list[str],
     cb = np.array([b_of.get(str(v), -1) for v in curves["band"]], dtype=np.int64)
     ck = curves["k"].to_numpy(dtype=np.int64)
     k = np.asarray(k, dtype=np.int64)
-    width = int(max(ck.max(), k.max())) + 1
-    known = (cm >= 0) & (cb >= 0) & (ck >= 0)
+    # As wide as the keys' largest k (a curve point beyond it matches no key), so the
+    # table's size follows the data, whatever the curves hold.
+    width = max(int(k.max()), 0) + 1
+    known = (cm >= 0) & (cb >= 0) & (ck >= 0) & (ck < width)
     table = np.full(len(measures) * len(bands) * width, -1, dtype=np.int64)
     table[((cm * len(bands) + cb) * width + ck)[known]] = np.flatnonzero(known)
     valid = k >= 0

@@ -83,8 +83,15 @@ def sudden_changes(group: npt.ArrayLike, column: npt.ArrayLike, score: npt.Array
                          fix='ask for "gain" and/or "loss"')
     g = np.asarray(group)
     c = np.asarray(column, dtype=np.int64)
-    y = np.asarray(score)
+    y = np.asarray(score, dtype=float)  # differences of any integer dtype, exactly
     n = y.size
+    if n > 1:
+        step_g = np.diff(g)
+        if (step_g < 0).any() or ((step_g == 0) & (np.diff(c) <= 0)).any():
+            raise UsageError("sudden_changes needs entries sorted by group, then column, "
+                             "each column once a group",
+                             fix="sort by (group, column) and drop repeated sessions")
+        del step_g
 
     def of_group(value: npt.ArrayLike, dtype: type, at: np.ndarray) -> np.ndarray:
         v: np.ndarray = np.asarray(value, dtype=dtype)

@@ -76,7 +76,10 @@ class Grouped:
         return table[self.mcode] if table.size else np.array([], dtype=table.dtype)
 
     def values(self, column: str, dtype: Any = None, na_value: Any = None) -> np.ndarray:
-        """``column`` as a numpy array (``Series.to_numpy`` options), in group order."""
+        """``column`` as a numpy array (``Series.to_numpy`` options), in group order.
+
+        The array may be read-only (a slice of the frame, or Arrow memory): copy it
+        before writing to it."""
         # Only this part's rows are converted: each part of a split source must not
         # pay for converting every row (e.g. a nullable column to float).
         data = self.source[column].array

@@ -118,7 +118,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     better_change = np.where(higher, change, -change)
 
     # Reliable change (JT, reference SD) and fixed points, one registry pass.
-    size = n_groups
+    size = n_groups  # one value per group in each array below
     rci = np.full(size, np.nan)
     missing_dir = DIRECTION_BY_CODE.tolist().index(None)
     jt_cat = np.zeros(size, dtype=np.int64)  # codes: CATEGORY_BY_CODE[0] is None
@@ -308,12 +308,11 @@ def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings
 def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: np.ndarray,
             starts: np.ndarray, heads: pd.DataFrame, g: Grouped, registry: Registry
             ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Sudden gains and losses through :func:`sudden_changes` (the implementation behind
-    :func:`pipeline.stats.gains.sudden_gains`),
-    and the group code of each.
+    """Sudden gains and losses, and the group code of each, through
+    :func:`~pipeline.stats.gains.sudden_changes` (the scan behind ``sudden_gains``).
 
     Scores are placed by ``session_number`` when every administration of the group has a
-    distinct one (so a missing session leaves a gap), else by administration order.
+    distinct whole one (so a missing session leaves a gap), else by administration order.
     Arrays are per administration in group order (:class:`Grouped`).
     """
     n_groups = starts.size
@@ -323,7 +322,9 @@ def _sudden(score: np.ndarray, k: np.ndarray, session: np.ndarray | None, gid: n
     col: np.ndarray | None = None  # each row's session column, 0-based
     if session is not None:
         sn = session
-        has_all = np.logical_and.reduceat(~np.isnan(sn), starts)
+        # Every session numbered, by a whole number (validation accepts only those; a
+        # caller's fractional number would share a column with another session).
+        has_all = np.logical_and.reduceat(np.floor(sn) == sn, starts)  # NaN: False
         # Session numbers rising within a group are distinct: one pass. Only a group
         # where they do not rise is sorted to look for a repeated number.
         rising = np.empty(sn.size, dtype=bool)

@@ -192,9 +192,9 @@ def trend_arrays(gid: np.ndarray, d: np.ndarray, y: np.ndarray, n_groups: int, a
     enough = (n >= min_points) & (sxx > 0)
     slope = np.where(enough, slope, np.nan)
     se = np.where(enough, se, np.nan)
-    # t.ppf's kernel once per degrees of freedom up to the largest (a few hundred at
-    # most), looked up per group: neither a call per group nor a sort to find the
-    # distinct values.
+    # t.ppf's kernel once per degrees of freedom up to the largest (the largest group's
+    # size, far fewer values than groups), looked up per group: neither a call per group
+    # nor a sort to find the distinct values.
     dfs = np.where(n > 2, n - 2, 1)
     t = special.stdtrit(np.arange(1, int(dfs.max()) + 1 if dfs.size else 1),
                         1 - alpha / 2)[dfs - 1]

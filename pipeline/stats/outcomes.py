@@ -38,6 +38,7 @@ __all__ = ["Reference", "SUDDEN_COLUMNS", "episode_outcomes", "episode_outcomes_
 SUDDEN_COLUMNS = ["episode_id", "measure", "kind", "pregain_session", "size",
                   "score_before", "score_after", "n_pre", "n_post", "crit3_adjusted"]
 max_gain_columns = 200  # sessions beyond this are not scanned for sudden gains
+_TREND_STATUS = np.array(["ok", "insufficient data"], dtype=object)
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,18 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
     better_change = np.where(higher, change, -change)
 
     # Reliable change (JT, reference SD) and fixed points, one registry pass.
-    size = n_groups  # one value per group in each array below
-    rci = np.full(size, np.nan)
+    rci = np.full(n_groups, np.nan)
     missing_dir = DIRECTION_BY_CODE.tolist().index(None)
-    jt_cat = np.zeros(size, dtype=np.int64)  # codes: CATEGORY_BY_CODE[0] is None
-    jt_dir = np.full(size, missing_dir, dtype=np.int64)
-    fixed = np.full(size, missing_dir, dtype=np.int64)
-    sd_used = np.full(size, np.nan)
-    r_used = np.full(size, np.nan)
-    cut_used = np.full(size, np.nan)
-    case_first = np.full(size, None, dtype=object)
-    case_last = np.full(size, None, dtype=object)
-    remission = np.full(size, None, dtype=object)
-    rc_points = np.full(size, np.nan)
+    jt_cat = np.zeros(n_groups, dtype=np.int64)  # codes: CATEGORY_BY_CODE[0] is None
+    jt_dir = np.full(n_groups, missing_dir, dtype=np.int64)
+    fixed = np.full(n_groups, missing_dir, dtype=np.int64)
+    sd_used = np.full(n_groups, np.nan)
+    r_used = np.full(n_groups, np.nan)
+    cut_used = np.full(n_groups, np.nan)
+    case_first = np.full(n_groups, None, dtype=object)
+    case_last = np.full(n_groups, None, dtype=object)
+    remission = np.full(n_groups, None, dtype=object)
+    rc_points = np.full(n_groups, np.nan)
     for code, scale in registry.items():
         if code not in g.measure_index:
             continue
@@ -200,7 +200,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
 
     # Expected recovery curves and not on track at the latest administration.
     band, bands = band_codes(mcode, list(g.measure_index), first.astype(float), registry)
-    out["band"] = pd.array(bands, dtype="str").take(band)
+    out["band"] = _text(np.array(bands, dtype=object), band)
     out["k_last"] = n.copy()  # the frame takes its arrays uncopied: one array a column
     prev_score = np.where(n >= 2, score[np.maximum(ends - 1, 0)], -1)
     measures = list(g.measure_index)
@@ -234,8 +234,7 @@ def episode_outcomes(admins: pd.DataFrame, registry: Registry, settings: Setting
         np.minimum.at(first_at, group_of[of], pregain[of])
         none_yet = first_at == np.iinfo(np.int64).max
         out[first_col] = pd.arrays.IntegerArray(np.where(none_yet, 0, first_at), none_yet)
-    out["trend_status"] = pd.array(["ok", "insufficient data"], dtype="str").take(
-        (n < 3).astype(np.int64))
+    out["trend_status"] = _text(_TREND_STATUS, (n < 3).astype(np.int64))
     # Uncopied (each array is this call's own, once), and not consolidated into 2-D
     # blocks: half the time of a copying constructor.
     return pd.DataFrame(out, copy=False), sudden
@@ -287,14 +286,9 @@ def episode_outcomes_in_parts(admins: pd.DataFrame, registry: Registry, settings
     results = _in_threads(lambda part: episode_outcomes(admins, registry, settings, reference,
                                                       part),
                          grouped.split(parts), threads)
+    # Every part gives each column one dtype (text columns are built as str even when
+    # a part has no label at all), so the parts concatenate to one call's frame.
     out = pd.concat([r[0] for r in results], ignore_index=True)
-    for c in out.columns:
-        # A text column holding only None in one part is object there and str in the
-        # others; assigned whole, one call infers str. Re-assigning it gives one call's
-        # dtype (and its missing values).
-        kinds = {str(r[0][c].dtype) for r in results}
-        if len(kinds) > 1 and kinds <= {"object", "str"}:
-            out[c] = out[c].to_numpy(dtype=object)
     frames = [r[1] for r in results if not r[1].empty]
     if not frames:
         return out, results[0][1]
